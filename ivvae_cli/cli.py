@@ -1,0 +1,365 @@
+"""The ``ivvae`` command: parses, calls the library, prints. Errors are one line on stderr with the
+exit code of their kind (README.md, "Exit codes")."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from ivvae_cli import __version__
+from ivvae_cli.errors import InputError, IvvaeError
+from ivvae_cli.latent_file import read_latent_file, write_latent_file
+from ivvae_cli.outputs import atomic_output, check_output
+from ivvae_cli.pipeline import (
+    EncodeOptions,
+    WriteOptions,
+    check_model_matches,
+    decode_latent,
+    encode_video,
+    expected_frames,
+    reconstruct_video,
+    select_device,
+)
+from ivvae_cli.video import probe
+from ivvae_cli.weights import LoadedModel, find_weights, load_model
+
+app = typer.Typer(
+    name="ivvae",
+    help="Compress video into IV-VAE latents and back.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="Model name, e.g. z16_dim64, found in the weights folders.")
+]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Checkpoint file (.pth or .safetensors).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+GroupsOpt = Annotated[int, typer.Option(min=1, help="Frame groups (4 frames each) per model step.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write a JSON report to this file ('-': stdout).")]
+StartOpt = Annotated[float, typer.Option(min=0, help="Start this many seconds into the video.")]
+FramesOpt = Annotated[int | None, typer.Option("--frames", min=1, help="Encode at most this many frames.")]
+DurationOpt = Annotated[float | None, typer.Option(min=0, help="Encode at most this many seconds.")]
+SampleOpt = Annotated[bool, typer.Option("--sample/--mean", help="Sample the posterior instead of its mean.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for --sample.")]
+CodecOpt = Annotated[
+    str | None, typer.Option(help="Video codec: h264, h265, vp9, av1, ffv1, ... (default: by extension).")
+]
+CrfOpt = Annotated[int, typer.Option("--crf", min=0, max=63, help="Quality (CRF) of lossy codecs; lower is better.")]
+LosslessOpt = Annotated[bool, typer.Option(help="Lossless output: FFV1 (.mkv, .avi) or H.264 RGB (.mp4, .mov).")]
+
+
+def _fail(error: IvvaeError) -> typer.Exit:
+    stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(error.exit_code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn expected failures into one line and an exit code."""
+    try:
+        yield
+    except IvvaeError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        stderr.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except torch.cuda.OutOfMemoryError:
+        raise _fail(IvvaeError("out of GPU memory; try --groups-per-step 1 or --device cpu")) from None
+
+
+class _FramesPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} fps" if task.speed else "- fps", style="progress.data.speed")
+
+
+@contextmanager
+def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[int], None]]:
+    if quiet:
+        yield lambda n: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames")]
+    with Progress(*columns, _FramesPerSecond(), TimeRemainingColumn(), console=stderr, transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _load(weights: Path | None, model: str | None, device: str, dtype: str, quiet: bool) -> LoadedModel:
+    if dtype not in DTYPES:
+        raise IvvaeError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
+    target = select_device(device)
+    loaded = load_model(find_weights(weights, model), device=target, dtype=DTYPES[dtype])
+    if not quiet:
+        stderr.print(f"model {loaded.name} ({loaded.path}) on {target}, {dtype}", highlight=False)
+    return loaded
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _report(report: dict[str, Any], json_path: Path | None, force: bool = True) -> None:
+    if json_path is None:
+        return
+    text = json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n"
+    if str(json_path) == "-":
+        sys.stdout.write(text)
+        return
+    with atomic_output(json_path, force) as tmp:
+        tmp.write_text(text)
+
+
+def _input_file(path: Path) -> Path:
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    return path
+
+
+@app.command()
+def encode(
+    input: Annotated[Path, typer.Argument(help="Video file.")],
+    output: Annotated[Path, typer.Argument(help="Latent file to write (safetensors).")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    start: StartOpt = 0.0,
+    frames: FramesOpt = None,
+    duration: DurationOpt = None,
+    sample: SampleOpt = False,
+    seed: SeedOpt = None,
+    groups_per_step: GroupsOpt = 1,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Encode a video into a latent file."""
+    with _errors():
+        info = probe(_input_file(input))
+        check_output(output, force)
+        loaded = _load(weights, model, device, dtype, quiet)
+        options = EncodeOptions(start, frames, duration, sample, seed, groups_per_step)
+        with _progress("encode", expected_frames(info, options), quiet) as progress:
+            data = encode_video(input, loaded, options, progress)
+        with atomic_output(output, force) as tmp:
+            write_latent_file(tmp, data)
+        h = data.header
+        summary = {
+            "input": str(input),
+            "output": str(output),
+            "frames": h.source_frames,
+            "size": [h.source_width, h.source_height],
+            "latent_shape": list(data.latent.shape),
+            "latent_bytes": output.stat().st_size,
+            "model": h.model,
+            "posterior": h.posterior,
+            "audio": h.audio_codec,
+        }
+        if not quiet:
+            stderr.print(
+                f"wrote {output}: {h.source_frames} frames {h.source_width}x{h.source_height} -> latent "
+                f"{'x'.join(map(str, data.latent.shape[1:]))}",
+                highlight=False,
+            )
+        _report(summary, json_path)
+
+
+@app.command()
+def decode(
+    input: Annotated[Path, typer.Argument(help="Latent file.")],
+    output: Annotated[Path, typer.Argument(help="Video file to write; the extension picks the container.")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    codec: CodecOpt = None,
+    crf: CrfOpt = 18,
+    lossless: LosslessOpt = False,
+    groups_per_step: GroupsOpt = 1,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Decode a latent file into a video with the source's frame count, size, timing and audio."""
+    with _errors():
+        data = read_latent_file(input)
+        check_output(output, force)
+        loaded = _load(weights, model or data.header.model, device, dtype, quiet)
+        check_model_matches(data, loaded, str(input))
+        with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
+            decode_latent(
+                data,
+                tmp,
+                loaded,
+                WriteOptions(codec, crf, lossless),
+                groups_per_step=groups_per_step,
+                progress=progress,
+            )
+        if not quiet:
+            stderr.print(f"wrote {output}", highlight=False)
+        _report({"input": str(input), "output": str(output), "frames": data.header.source_frames}, json_path)
+
+
+@app.command()
+def reconstruct(
+    input: Annotated[Path, typer.Argument(help="Video file.")],
+    output: Annotated[Path | None, typer.Argument(help="Reconstructed video to write (optional).")] = None,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Measure PSNR and SSIM.")] = False,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    start: StartOpt = 0.0,
+    frames: FramesOpt = None,
+    duration: DurationOpt = None,
+    sample: SampleOpt = False,
+    seed: SeedOpt = None,
+    codec: CodecOpt = None,
+    crf: CrfOpt = 18,
+    lossless: LosslessOpt = False,
+    groups_per_step: GroupsOpt = 1,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Encode and decode in one streaming pass; write the result and/or measure what was lost."""
+    with _errors():
+        info = probe(_input_file(input))
+        if output is None and not metrics and json_path is None:
+            metrics = True  # nothing else to show for the work
+        if output is not None:
+            check_output(output, force)
+        loaded = _load(weights, model, device, dtype, quiet)
+        options = EncodeOptions(start, frames, duration, sample, seed, groups_per_step)
+        with _progress("reconstruct", expected_frames(info, options), quiet) as progress:
+            if output is None:
+                result = reconstruct_video(input, loaded, options, measure=metrics, progress=progress)
+            else:
+                with atomic_output(output, force) as tmp:
+                    write = WriteOptions(codec, crf, lossless)
+                    result = reconstruct_video(input, loaded, options, tmp, write, measure=metrics, progress=progress)
+        report: dict[str, Any] = {
+            "input": str(input),
+            "output": str(output) if output else None,
+            "model": loaded.name,
+            "frames": result.header.source_frames,
+        }
+        if result.metrics is not None:
+            summary = result.metrics.summary()
+            report["metrics"] = summary
+            report["per_frame"] = {"psnr_db": result.metrics.psnr, "ssim": result.metrics.ssim}
+            if not quiet or json_path is None:
+                _print_metrics(summary)
+        _report(report, json_path)
+
+
+def _print_metrics(summary: dict[str, float]) -> None:
+    table = Table(title="reconstruction", show_header=True)
+    for name in ("frames", "PSNR (dB)", "SSIM", "worst PSNR", "worst SSIM"):
+        table.add_column(name, justify="right")
+    table.add_row(
+        str(summary["frames"]),
+        f"{summary['psnr_db']:.2f}",
+        f"{summary['ssim']:.4f}",
+        f"{summary['psnr_db_min']:.2f}",
+        f"{summary['ssim_min']:.4f}",
+    )
+    Console().print(table)
+
+
+@app.command()
+def info(
+    file: Annotated[Path, typer.Argument(help="A latent file or a video.")],
+    json_path: JsonOpt = None,
+) -> None:
+    """Show what a latent file (or a video) holds."""
+    with _errors():
+        _input_file(file)
+        if file.suffix in (".latent", ".safetensors") or _looks_like_safetensors(file):
+            report = _latent_info(file)
+        else:
+            v = probe(file)
+            report = {
+                "kind": "video",
+                "file": str(file),
+                "codec": v.codec,
+                "pixel_format": v.pixel_format,
+                "bit_depth": v.bit_depth,
+                "size": [v.width, v.height],
+                "frames": v.frames,
+                "frame_rate": str(v.frame_rate),
+                "duration_s": v.duration,
+                "rotation": v.rotation,
+                "audio": v.audio,
+                "file_bytes": file.stat().st_size,
+            }
+        if json_path is None:
+            table = Table(show_header=False, title=str(file))
+            for key, value in report.items():
+                table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+            Console().print(table)
+        _report(report, json_path)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _latent_info(path: Path) -> dict[str, Any]:
+    data = read_latent_file(path)
+    h = data.header
+    raw_bytes = h.source_frames * h.source_height * h.source_width * 3
+    latent_bytes = path.stat().st_size
+    report = {"kind": "latent", "file": str(path), "latent_shape": list(data.latent.shape)}
+    report |= {k: v for k, v in vars(h).items()}
+    report |= {
+        "file_bytes": latent_bytes,
+        "raw_rgb8_bytes": raw_bytes,
+        "compression_vs_rgb8": round(raw_bytes / latent_bytes, 2),
+        "elements_ratio": round(raw_bytes / math.prod(data.latent.shape), 2),
+        "audio_bytes": len(data.audio) if data.audio else 0,
+    }
+    return report
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ivvae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Compress video into IV-VAE latents and back."""

@@ -1,0 +1,31 @@
+"""Errors a user can meet, each with its documented exit code (README.md, "Exit codes")."""
+
+
+class IvvaeError(Exception):
+    """A failure explained in one line."""
+
+    exit_code = 1
+
+
+class InputError(IvvaeError):
+    """Missing, unreadable or unsuitable input: a video, a latent file."""
+
+    exit_code = 3
+
+
+class OutputError(IvvaeError):
+    """The output exists, its folder is missing, or it cannot be written."""
+
+    exit_code = 4
+
+
+class WeightsError(IvvaeError):
+    """Weights that cannot be found, read, or that do not fit."""
+
+    exit_code = 5
+
+
+class DeviceError(IvvaeError):
+    """The device asked for is not available."""
+
+    exit_code = 6

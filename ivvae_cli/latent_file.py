@@ -1,0 +1,129 @@
+"""The latent file: one video's latent and everything needed to decode it, in plain safetensors.
+
+Tensors: ``latent`` (1, z_dim, T', h, w); ``frame_pts`` (T,) int64, each source frame's timestamp
+in ``time_base`` units; ``audio`` (N,) uint8, optional, the source's audio remuxed into Matroska.
+Metadata (all strings) holds the fields of ``LatentHeader``; docs/latent-format.md describes each.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ivvae_cli import __version__
+from ivvae_cli.errors import InputError
+
+FORMAT_NAME = "ivvae-latent"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LatentHeader:
+    """The metadata of a latent file."""
+
+    model: str
+    z_dim: int
+    dim: int
+    scale_factor: float
+    shift_factor: float
+    weights_fingerprint: str
+    source_name: str
+    source_frames: int
+    source_height: int
+    source_width: int
+    frame_rate: str  # a fraction, e.g. "30000/1001"
+    time_base: str  # a fraction
+    start_time: float
+    padded_frames: int
+    padded_height: int
+    padded_width: int
+    dtype: str
+    posterior: str  # "mean" or "sample"
+    seed: int | None = None
+    tiling: dict = field(default_factory=dict)
+    audio_codec: str | None = None
+    tool_version: str = __version__
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_metadata(self) -> dict[str, str]:
+        """Strings as they are, other values as JSON; None is left out."""
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path) -> LatentHeader:
+        values = {}
+        for f in fields(cls):
+            if f.name in meta:
+                raw = meta[f.name]
+                values[f.name] = raw if f.type.startswith("str") else json.loads(raw)
+            elif f.default is MISSING and f.default_factory is MISSING:
+                raise InputError(f"{path} lacks the header field '{f.name}'")
+        return cls(**values)
+
+
+@dataclass
+class LatentFile:
+    header: LatentHeader
+    latent: torch.Tensor
+    frame_pts: np.ndarray
+    audio: bytes | None = None
+
+
+def write_latent_file(path: Path, data: LatentFile) -> None:
+    """Write ``data`` to ``path`` (callers write to a temporary path, see ``ivvae_cli.outputs``)."""
+    tensors = {
+        "latent": data.latent.detach().to("cpu").contiguous(),
+        "frame_pts": torch.from_numpy(np.asarray(data.frame_pts, dtype=np.int64)),
+    }
+    if data.audio:
+        tensors["audio"] = torch.frombuffer(bytearray(data.audio), dtype=torch.uint8)
+    save_file(tensors, str(path), metadata=data.header.to_metadata())
+
+
+def read_latent_file(path: str | Path) -> LatentFile:
+    """Read and check a latent file; every problem is an ``InputError`` saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"latent file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            fmt = meta.get("format")
+            if fmt != FORMAT_NAME:
+                what = f"a '{fmt}' file" if fmt else "not an ivvae latent file"
+                raise InputError(f"{path} is {what} (no '{FORMAT_NAME}' format tag)")
+            version = int(meta.get("format_version", "0"))
+            if version > FORMAT_VERSION:
+                raise InputError(
+                    f"{path} has latent format version {version}, newer than this ivvae "
+                    f"({__version__}) reads (up to {FORMAT_VERSION}); upgrade ivvae"
+                )
+            missing = {"latent", "frame_pts"} - names
+            if missing:
+                raise InputError(f"{path} lacks the tensor(s) {', '.join(sorted(missing))}")
+            latent = f.get_tensor("latent")
+            pts = f.get_tensor("frame_pts").numpy()
+            audio = f.get_tensor("audio").numpy().tobytes() if "audio" in names else None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path} is truncated or not a safetensors file ({e})") from None
+    header = LatentHeader.from_metadata(meta, path)
+    expected = (
+        1,
+        header.z_dim,
+        1 + (header.padded_frames - 1) // 4,
+        header.padded_height // 8,
+        header.padded_width // 8,
+    )
+    if tuple(latent.shape) != expected:
+        raise InputError(f"{path}: latent shape {tuple(latent.shape)} does not match its header {expected}")
+    if len(pts) != header.source_frames:
+        raise InputError(f"{path}: {len(pts)} timestamps for {header.source_frames} frames")
+    return LatentFile(header, latent, pts, audio)

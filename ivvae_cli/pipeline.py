@@ -1,0 +1,288 @@
+"""The library's file-level jobs: video file -> latent, latent -> video file, and both in one pass.
+
+Each streams: frames are read, pushed through the model and written a few groups at a time.
+``progress`` (optional) is called with the number of frames each piece of work completed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ivvae_cli.errors import DeviceError, WeightsError
+from ivvae_cli.latent_file import LatentFile, LatentHeader
+from ivvae_cli.metrics import Metrics
+from ivvae_cli.stream import GROUP, StreamDecoder, StreamEncoder
+from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames
+from ivvae_cli.weights import LoadedModel
+
+Progress = Callable[[int], None]
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{name} was asked for, but this torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{name} was asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+@dataclass
+class EncodeOptions:
+    """Which part of the source to encode, and how."""
+
+    start: float = 0.0
+    max_frames: int | None = None
+    duration: float | None = None
+    sample: bool = False
+    seed: int | None = None
+    groups_per_step: int = 1
+
+
+@dataclass
+class WriteOptions:
+    """How decoded frames are written."""
+
+    codec: str | None = None
+    quality: int = 18
+    lossless: bool = False
+
+
+def _frame_limit(info: VideoInfo, options: EncodeOptions) -> int | None:
+    if options.duration is None:
+        return options.max_frames
+    by_duration = max(1, round(options.duration * info.frame_rate))
+    return by_duration if options.max_frames is None else min(by_duration, options.max_frames)
+
+
+def expected_frames(info: VideoInfo, options: EncodeOptions) -> int | None:
+    """How many frames an encode of ``info`` with ``options`` will read, when that can be known."""
+    limit, total = _frame_limit(info, options), info.frames
+    if total is not None and options.start:
+        total = max(0, total - round(options.start * info.frame_rate))
+    if total is None or limit is None:
+        return total if limit is None else limit
+    return min(total, limit)
+
+
+def _to_model(frames: np.ndarray) -> torch.Tensor:
+    """``(t, H, W, 3)`` in [0, 1] -> ``(1, 3, t, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1
+
+
+def _from_model(video: torch.Tensor) -> np.ndarray:
+    """``(1, 3, t, H, W)`` in [-1, 1] -> ``(t, H, W, 3)`` float32 in [0, 1]."""
+    return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()
+
+
+class _Source:
+    """Streams a video file into a ``StreamEncoder`` and records what the latent file needs."""
+
+    def __init__(self, path: Path, loaded: LoadedModel, options: EncodeOptions):
+        self.path, self.loaded, self.options = path, loaded, options
+        self.info = probe(path)
+        self.limit = _frame_limit(self.info, options)
+        device = next(loaded.model.parameters()).device
+        self.seed = options.seed if options.seed is not None else secrets.randbits(31)
+        generator = torch.Generator(device=device).manual_seed(self.seed) if options.sample else None
+        self.stream = StreamEncoder(
+            loaded.model, sample=options.sample, generator=generator, groups_per_step=options.groups_per_step
+        )
+        self.pts: list[int] = []
+
+    def chunks(self):
+        """Yield ``(frames, latent part)`` as frames are read and encoded."""
+        chunk = GROUP * self.options.groups_per_step
+        for frames, stamps in read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk):
+            self.pts.extend(stamps)
+            yield frames, self.stream.push(_to_model(frames))
+        yield None, self.stream.finish()
+
+    def header(self, tiling: dict | None = None) -> LatentHeader:
+        model = self.loaded.model
+        size = self.stream.size
+        padded = size.padded()
+        return LatentHeader(
+            model=self.loaded.name,
+            z_dim=model.z_dim,
+            dim=model.dim,
+            scale_factor=model.scale_factor,
+            shift_factor=model.shift_factor,
+            weights_fingerprint=self.loaded.fingerprint,
+            source_name=self.path.name,
+            source_frames=size.frames,
+            source_height=size.height,
+            source_width=size.width,
+            frame_rate=str(self.info.frame_rate),
+            time_base=str(self.info.time_base),
+            start_time=self.options.start,
+            padded_frames=padded.frames,
+            padded_height=padded.height,
+            padded_width=padded.width,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            posterior="sample" if self.options.sample else "mean",
+            seed=self.seed if self.options.sample else None,
+            tiling=tiling or {},
+        )
+
+    def relative_pts(self) -> np.ndarray:
+        pts = np.asarray(self.pts, dtype=np.int64)
+        return pts - pts[0]
+
+    def audio(self) -> bytes | None:
+        """The source's audio over the frames asked for."""
+        end = self.options.start + self.limit / self.info.frame_rate if self.limit is not None else None
+        return read_audio(self.path, start=self.options.start, end=None if end is None else float(end))
+
+    def writer(self, path: Path, options: WriteOptions, audio: bytes | None) -> VideoWriter:
+        return _writer(
+            path, self.info.width, self.info.height, self.info.frame_rate, self.info.time_base, options, audio
+        )
+
+
+def encode_video(
+    source: Path, loaded: LoadedModel, options: EncodeOptions, progress: Progress | None = None
+) -> LatentFile:
+    """Encode a video file into a ``LatentFile`` (the latent is small; frames are streamed)."""
+    src = _Source(source, loaded, options)
+    parts = []
+    for frames, latent in src.chunks():
+        parts.append(latent.cpu())
+        if progress and frames is not None:
+            progress(len(frames))
+    audio = src.audio()
+    header = src.header()
+    if audio:
+        header.audio_codec = src.info.audio[0]
+    return LatentFile(header, torch.cat(parts, dim=2), src.relative_pts(), audio)
+
+
+def check_model_matches(data: LatentFile, loaded: LoadedModel, name: str) -> None:
+    """Refuse to decode with weights other than those that encoded the latent."""
+    h = data.header
+    if h.weights_fingerprint != loaded.fingerprint:
+        raise WeightsError(
+            f"{name} was encoded with {h.model} (weights {h.weights_fingerprint}), but the weights given are "
+            f"{loaded.name} ({loaded.fingerprint}); decode with the same weights (--model {h.model} or --weights)"
+        )
+
+
+def _writer(
+    path: Path,
+    width: int,
+    height: int,
+    frame_rate: Fraction,
+    time_base: Fraction,
+    options: WriteOptions,
+    audio: bytes | None,
+) -> VideoWriter:
+    return VideoWriter(
+        path,
+        width=width,
+        height=height,
+        frame_rate=frame_rate,
+        time_base=time_base,
+        codec=options.codec,
+        quality=options.quality,
+        lossless=options.lossless,
+        audio=audio,
+    )
+
+
+def _decoded(stream: StreamDecoder, latent: torch.Tensor):
+    """Decoded frames as ``(t, H, W, 3)`` arrays, one latent frame at a time."""
+    for i in range(latent.shape[2]):
+        yield _from_model(stream.push(latent[:, :, i : i + 1]))
+    yield _from_model(stream.finish())
+
+
+def decode_latent(
+    data: LatentFile,
+    output: Path,
+    loaded: LoadedModel,
+    options: WriteOptions,
+    *,
+    groups_per_step: int = 1,
+    progress: Progress | None = None,
+) -> None:
+    """Decode a latent file into a video file: frame count, size, timestamps and audio restored."""
+    h = data.header
+    size = (h.source_frames, h.source_height, h.source_width)
+    stream = StreamDecoder(loaded.model, size=size, groups_per_step=groups_per_step)
+    rate, time_base = Fraction(h.frame_rate), Fraction(h.time_base)
+    done = 0
+    with _writer(output, h.source_width, h.source_height, rate, time_base, options, data.audio) as writer:
+        for frames in _decoded(stream, data.latent):
+            writer.write(frames, data.frame_pts[done : done + len(frames)].tolist())
+            done += len(frames)
+            if progress and len(frames):
+                progress(len(frames))
+
+
+@dataclass
+class ReconstructResult:
+    header: LatentHeader
+    metrics: Metrics | None
+
+
+def reconstruct_video(
+    source: Path,
+    loaded: LoadedModel,
+    options: EncodeOptions,
+    output: Path | None = None,
+    write_options: WriteOptions | None = None,
+    *,
+    measure: bool = True,
+    progress: Progress | None = None,
+) -> ReconstructResult:
+    """Encode and decode in one streaming pass; optionally write the result and measure it.
+
+    Reconstructed frames lag the source by at most one step; the source frames in between are
+    the only ones held.
+    """
+    src = _Source(source, loaded, options)
+    decoder = StreamDecoder(loaded.model, groups_per_step=options.groups_per_step)
+    metrics = Metrics() if measure else None
+    waiting: deque[np.ndarray] = deque()  # source frames awaiting their reconstruction
+    writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
+    done = 0
+    with writer or nullcontext():
+        for frames, latent in src.chunks():
+            if frames is not None:
+                waiting.extend(frames)
+            recon = _from_model(
+                decoder.push(latent)
+                if frames is not None
+                else torch.cat([decoder.push(latent), decoder.finish()], dim=2)
+            )
+            # Crop the edge padding, and drop frames that only the time padding made.
+            recon = recon[: len(waiting), : src.info.height, : src.info.width]
+            if not len(recon):
+                continue
+            originals = np.stack([waiting.popleft() for _ in recon])
+            if metrics:
+                metrics.update(originals, recon)
+            if writer:
+                writer.write(recon, [p - src.pts[0] for p in src.pts[done : done + len(recon)]])
+            done += len(recon)
+            if progress:
+                progress(len(recon))
+    return ReconstructResult(src.header(), metrics)

@@ -1,0 +1,324 @@
+"""Video I/O through PyAV: streaming frame reads and writes, audio carried as-is.
+
+Policies (documented in README.md):
+- Frames are converted to RGB by libavfilter, exactly as the ffmpeg command converts them: with
+  the matrix and range the stream declares (BT.601 when it declares none), 16 bits per channel
+  when the source has more than 8.
+- Rotation metadata is applied: frames come out upright, as players show them.
+- Alpha is dropped: the model codes colour only.
+- Variable frame rate is kept: every decoded frame is used once, and its timestamp is kept so the
+  output can restore it; ``frame_rate`` is the stream's average rate.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from ivvae_cli.errors import InputError, OutputError
+
+
+@dataclass
+class VideoInfo:
+    """What a video file holds, sizes as displayed (after rotation)."""
+
+    path: Path
+    width: int
+    height: int
+    frames: int | None  # None when the container does not say
+    frame_rate: Fraction
+    time_base: Fraction
+    duration: float | None
+    codec: str
+    pixel_format: str
+    bit_depth: int
+    rotation: int
+    audio: list[str] = field(default_factory=list)
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if not path.is_file():
+        raise InputError(f"input is not a file: {path}")
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or e.__class__.__name__
+        raise InputError(f"{path} is not a video ffmpeg can read ({reason})") from None
+    except PermissionError:
+        raise InputError(f"no permission to read {path}") from None
+
+
+NOT_VIDEO_FORMATS = {"tty", "image2pipe"}  # ffmpeg renders text files as "video" through tty
+
+
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+    if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
+        raise InputError(f"{path} is not a video (no video stream)")
+    return container.streams.video[0]
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Read a video's properties without decoding it."""
+    path = Path(path)
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        ctx = stream.codec_context
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
+        duration = None
+        if stream.duration is not None and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / av.time_base
+        frames = stream.frames or (round(duration * rate) if duration else None)
+        fmt = av.VideoFormat(ctx.pix_fmt) if ctx.pix_fmt else None
+        depth = max((c.bits for c in fmt.components), default=8) if fmt else 8
+        rotation = _stream_rotation(container, stream)
+        width, height = (ctx.height, ctx.width) if rotation % 180 else (ctx.width, ctx.height)
+        return VideoInfo(
+            path=path,
+            width=width,
+            height=height,
+            frames=frames,
+            frame_rate=Fraction(rate),
+            time_base=Fraction(stream.time_base or Fraction(1, 90000)),
+            duration=duration,
+            codec=ctx.name,
+            pixel_format=ctx.pix_fmt or "unknown",
+            bit_depth=depth,
+            rotation=rotation,
+            audio=[_codec_name(a) for a in container.streams.audio],
+        )
+
+
+def _codec_name(stream: av.stream.Stream) -> str:
+    """The format's name for a stream's codec (``mp3``, not the decoder's ``mp3float``)."""
+    return stream.codec_context.codec.canonical_name
+
+
+def _stream_rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    """The display rotation of the first frame, in degrees counter-clockwise (0, 90, 180 or 270)."""
+    try:
+        frame = next(container.decode(stream))
+    except (StopIteration, av.FFmpegError):
+        return 0
+    return round(frame.rotation) % 360 if frame.rotation else 0
+
+
+class _RGBConverter:
+    """Frames to upright float32 RGB in [0, 1] through libavfilter's format conversion, the one the
+    ffmpeg command uses, so the stream's declared matrix and range are honoured the same way."""
+
+    def __init__(self, stream: av.video.stream.VideoStream, deep: bool):
+        self.deep = deep
+        self.graph = av.filter.Graph()
+        source = self.graph.add_buffer(template=stream)
+        convert = self.graph.add("format", "rgb48le" if deep else "rgb24")
+        source.link_to(convert)
+        convert.link_to(self.graph.add("buffersink"))
+        self.graph.configure()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        self.graph.push(frame)
+        rgb = self.graph.pull().to_ndarray()
+        turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
+        if turns:
+            rgb = np.rot90(rgb, k=turns)
+        return rgb.astype(np.float32) / (65535.0 if self.deep else 255.0)
+
+
+def read_frames(
+    path: str | Path, *, start: float = 0.0, max_frames: int | None = None, chunk: int = 8
+) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """Yield ``(frames, pts)``: float32 RGB ``(t, H, W, 3)`` in [0, 1] and each frame's timestamp
+    in the stream's time base, ``chunk`` frames at a time, from ``start`` seconds on."""
+    path = Path(path)
+    info = probe(path)
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        to_rgb = _RGBConverter(stream, deep=info.bit_depth > 8)
+        if start > 0:
+            container.seek(int(start / stream.time_base), stream=stream, backward=True)
+        frames: list[np.ndarray] = []
+        stamps: list[int] = []
+        count = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.time is not None and frame.time < start - 1e-6:
+                    continue
+                if max_frames is not None and count >= max_frames:
+                    break
+                frames.append(to_rgb(frame))
+                stamps.append(frame.pts if frame.pts is not None else count)
+                count += 1
+                if len(frames) == chunk:
+                    yield np.stack(frames), stamps
+                    frames, stamps = [], []
+        except av.FFmpegError as e:
+            raise InputError(f"{path}: video decoding failed after {count} frames ({e})") from None
+        if frames:
+            yield np.stack(frames), stamps
+    if count == 0:
+        raise InputError(f"{path} has no video frames" + (f" after {start:g} s" if start else ""))
+
+
+def read_audio(path: str | Path, start: float = 0.0, end: float | None = None) -> bytes | None:
+    """The first audio stream between ``start`` and ``end`` seconds, remuxed unchanged into a
+    Matroska file in memory; None when there is no audio."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            return None
+        source = container.streams.audio[0]
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format="matroska") as out:
+            target = out.add_stream_from_template(source)
+            first_pts = None
+            for packet in container.demux(source):
+                if packet.pts is None or packet.dts is None:
+                    continue
+                t = float(packet.pts * source.time_base)
+                if t < start - 1e-6 or (end is not None and t >= end):
+                    continue
+                first_pts = packet.pts if first_pts is None else first_pts
+                packet.pts -= first_pts
+                packet.dts -= first_pts
+                packet.stream = target
+                out.mux(packet)
+            if first_pts is None:
+                return None
+        return buffer.getvalue()
+
+
+TICKS_PER_FRAME = 8
+LOSSLESS = {".mkv": "ffv1", ".avi": "ffv1", ".mp4": "libx264rgb", ".mov": "libx264rgb"}
+DEFAULT_CODEC = {".webm": "libvpx-vp9"}  # everything else: H.264
+CODEC_NAMES = {"h264": "libx264", "h265": "libx265", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
+
+
+class VideoWriter:
+    """Write float RGB frames in [0, 1] to a video file, with timestamps and optional audio.
+
+    H.264 (CRF ``quality``) by default, VP9 for .webm; ``lossless`` picks FFV1 (.mkv, .avi) or
+    H.264 RGB at CRF 0 (.mp4, .mov). Odd frame sizes use 4:4:4 chroma, since 4:2:0 cannot hold them.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        width: int,
+        height: int,
+        frame_rate: Fraction,
+        time_base: Fraction,
+        codec: str | None = None,
+        quality: int = 18,
+        lossless: bool = False,
+        audio: bytes | None = None,
+    ):
+        self.source_time_base = time_base
+        suffix = path.suffix.lower()
+        if lossless:
+            if suffix not in LOSSLESS:
+                raise OutputError(f"no lossless codec for {suffix or 'files without extension'}; use .mkv or .mp4")
+            codec = LOSSLESS[suffix]
+        codec = CODEC_NAMES.get(codec or "", codec) or DEFAULT_CODEC.get(suffix, "libx264")
+        try:
+            self.container = av.open(str(path), "w", format=_format_for(suffix))
+        except (av.FFmpegError, ValueError) as e:
+            raise OutputError(f"cannot write {path}: {e}") from None
+        try:
+            self.stream = self.container.add_stream(codec, rate=frame_rate)
+        except (av.FFmpegError, ValueError) as e:
+            self.container.close()
+            raise OutputError(f"cannot encode {codec} into {path.name}: {e}") from None
+        self.stream.width, self.stream.height = width, height
+        # Timestamps go on a grid of 1/8 frame: a constant rate comes back exactly, variable
+        # timing to within 1/16 of a frame.
+        self.time_base = 1 / (frame_rate * TICKS_PER_FRAME)
+        self.stream.time_base = self.stream.codec_context.time_base = self.time_base
+        self.last_pts = -1
+        odd = width % 2 or height % 2
+        if codec == "ffv1":
+            self.stream.pix_fmt = "bgr0"
+        elif codec == "libx264rgb":
+            self.stream.pix_fmt, self.stream.options = "rgb24", {"crf": "0"}
+        else:
+            self.stream.pix_fmt = "yuv444p" if odd else "yuv420p"
+            self.stream.options = {"crf": str(quality)}
+            if codec == "libvpx-vp9":
+                self.stream.options |= {"b": "0"}
+        self.audio = _AudioCopy(self.container, audio) if audio else None
+
+    def write(self, frames: np.ndarray, pts: list[int]) -> None:
+        """Frames ``(t, H, W, 3)`` float in [0, 1] with their source timestamps."""
+        rgb = np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+        for image, stamp in zip(rgb, pts, strict=True):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            self.last_pts = max(self.last_pts + 1, round(stamp * self.source_time_base / self.time_base))
+            frame.pts, frame.time_base, frame.duration = self.last_pts, self.time_base, TICKS_PER_FRAME
+            self.container.mux(self.stream.encode(frame))
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        """Finish the file; after an error only release it (the caller discards it)."""
+        if error_type is None:
+            self.container.mux(self.stream.encode(None))
+            if self.audio:
+                self.audio.copy()
+        elif self.audio:
+            self.audio.source.close()
+        self.container.close()
+
+
+def _format_for(suffix: str) -> str | None:
+    return {".mkv": "matroska", ".webm": "webm", ".mp4": "mp4", ".mov": "mov", ".avi": "avi"}.get(suffix)
+
+
+class _AudioCopy:
+    """Carries an audio stream from an in-memory Matroska file into the output, copied when the
+    output container takes its codec, else re-encoded (AAC, or Opus for WebM)."""
+
+    def __init__(self, container: av.container.OutputContainer, data: bytes):
+        self.source = av.open(io.BytesIO(data))
+        self.input = self.source.streams.audio[0]
+        self.container = container
+        self.transcode = not _container_takes(container, _codec_name(self.input))
+        if self.transcode:
+            opus = container.format.name == "webm"
+            rate = 48000 if opus else self.input.codec_context.sample_rate or 48000
+            self.output = container.add_stream("libopus" if opus else "aac", rate=rate)
+        else:
+            self.output = container.add_stream_from_template(self.input)
+
+    def copy(self) -> None:
+        if self.transcode:
+            for frame in self.source.decode(self.input):
+                frame.pts = None
+                self.container.mux(self.output.encode(frame))
+            self.container.mux(self.output.encode(None))
+        else:
+            for packet in self.source.demux(self.input):
+                if packet.dts is None:
+                    continue
+                packet.stream = self.output
+                self.container.mux(packet)
+        self.source.close()
+
+
+def _container_takes(container: av.container.OutputContainer, codec: str) -> bool:
+    if container.format.name in ("matroska", "mov"):
+        return True
+    if container.format.name == "webm":
+        return codec in ("opus", "vorbis")
+    return codec in ("aac", "mp3", "ac3", "eac3", "opus", "alac", "flac")
