@@ -24,11 +24,13 @@ from ivvae_cli.latent_file import read_latent_file, write_latent_file
 from ivvae_cli.outputs import atomic_output, check_output
 from ivvae_cli.pipeline import (
     EncodeOptions,
+    MemoryOptions,
     WriteOptions,
     check_model_matches,
     decode_latent,
     encode_video,
     expected_frames,
+    parse_size,
     reconstruct_video,
     select_device,
 )
@@ -53,6 +55,14 @@ WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Checkp
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 GroupsOpt = Annotated[int, typer.Option(min=1, help="Frame groups (4 frames each) per model step.")]
+MemoryOpt = Annotated[
+    str | None, typer.Option(help="Memory budget beside the weights, e.g. 4GB (default: most of what is free).")
+]
+TileOpt = Annotated[
+    int | None,
+    typer.Option("--tile-size", min=4, help="Tile side in latent pixels (x8 video pixels); default: by budget."),
+]
+OverlapOpt = Annotated[int | None, typer.Option("--tile-overlap", min=0, help="Tile overlap in latent pixels.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write a JSON report to this file ('-': stdout).")]
@@ -124,6 +134,16 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _memory(max_memory: str | None, tile: int | None, overlap: int | None, groups_per_step: int) -> MemoryOptions:
+    try:
+        budget = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as e:
+        raise IvvaeError(str(e)) from None
+    if tile is not None and overlap is not None and overlap >= tile:
+        raise IvvaeError(f"--tile-overlap ({overlap}) must be smaller than --tile-size ({tile})")
+    return MemoryOptions(budget, tile, overlap, groups_per_step)
+
+
 def _report(report: dict[str, Any], json_path: Path | None, force: bool = True) -> None:
     if json_path is None:
         return
@@ -154,6 +174,9 @@ def encode(
     duration: DurationOpt = None,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
+    max_memory: MemoryOpt = None,
+    tile_size: TileOpt = None,
+    tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = 1,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -164,9 +187,10 @@ def encode(
         info = probe(_input_file(input))
         check_output(output, force)
         loaded = _load(weights, model, device, dtype, quiet)
-        options = EncodeOptions(start, frames, duration, sample, seed, groups_per_step)
+        options = EncodeOptions(start, frames, duration, sample, seed)
+        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         with _progress("encode", expected_frames(info, options), quiet) as progress:
-            data = encode_video(input, loaded, options, progress)
+            data = encode_video(input, loaded, options, memory, progress)
         with atomic_output(output, force) as tmp:
             write_latent_file(tmp, data)
         h = data.header
@@ -180,6 +204,7 @@ def encode(
             "model": h.model,
             "posterior": h.posterior,
             "audio": h.audio_codec,
+            "tiling": h.tiling,
         }
         if not quiet:
             stderr.print(
@@ -201,6 +226,9 @@ def decode(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    max_memory: MemoryOpt = None,
+    tile_size: TileOpt = None,
+    tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = 1,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -212,18 +240,15 @@ def decode(
         check_output(output, force)
         loaded = _load(weights, model or data.header.model, device, dtype, quiet)
         check_model_matches(data, loaded, str(input))
+        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
-            decode_latent(
-                data,
-                tmp,
-                loaded,
-                WriteOptions(codec, crf, lossless),
-                groups_per_step=groups_per_step,
-                progress=progress,
-            )
+            tiling = decode_latent(data, tmp, loaded, WriteOptions(codec, crf, lossless), memory, progress)
         if not quiet:
             stderr.print(f"wrote {output}", highlight=False)
-        _report({"input": str(input), "output": str(output), "frames": data.header.source_frames}, json_path)
+        h = data.header
+        report = {"input": str(input), "output": str(output), "frames": h.source_frames}
+        report["tiling"] = tiling.describe(h.padded_height // 8, h.padded_width // 8)
+        _report(report, json_path)
 
 
 @app.command()
@@ -243,6 +268,9 @@ def reconstruct(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    max_memory: MemoryOpt = None,
+    tile_size: TileOpt = None,
+    tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = 1,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -256,19 +284,28 @@ def reconstruct(
         if output is not None:
             check_output(output, force)
         loaded = _load(weights, model, device, dtype, quiet)
-        options = EncodeOptions(start, frames, duration, sample, seed, groups_per_step)
+        options = EncodeOptions(start, frames, duration, sample, seed)
+        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
+        write = WriteOptions(codec, crf, lossless)
         with _progress("reconstruct", expected_frames(info, options), quiet) as progress:
             if output is None:
-                result = reconstruct_video(input, loaded, options, measure=metrics, progress=progress)
+                result = reconstruct_video(
+                    input, loaded, options, None, write, memory, measure=metrics, progress=progress
+                )
             else:
                 with atomic_output(output, force) as tmp:
-                    write = WriteOptions(codec, crf, lossless)
-                    result = reconstruct_video(input, loaded, options, tmp, write, measure=metrics, progress=progress)
+                    result = reconstruct_video(
+                        input, loaded, options, tmp, write, memory, measure=metrics, progress=progress
+                    )
         report: dict[str, Any] = {
             "input": str(input),
             "output": str(output) if output else None,
             "model": loaded.name,
             "frames": result.header.source_frames,
+            "encode_tiling": result.header.tiling,
+            "decode_tiling": result.decode_tiling.describe(
+                result.header.padded_height // 8, result.header.padded_width // 8
+            ),
         }
         if result.metrics is not None:
             summary = result.metrics.summary()

@@ -6,6 +6,7 @@ Each streams: frames are read, pushed through the model and written a few groups
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 from ivvae_cli.errors import DeviceError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
 from ivvae_cli.metrics import Metrics
-from ivvae_cli.stream import GROUP, StreamDecoder, StreamEncoder
+from ivvae_cli.stream import GROUP, STRIDE, StreamDecoder, StreamEncoder, Tiling, VideoSize, plan_tiling
 from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames
 from ivvae_cli.weights import LoadedModel
 
@@ -54,7 +55,58 @@ class EncodeOptions:
     duration: float | None = None
     sample: bool = False
     seed: int | None = None
+
+
+@dataclass
+class MemoryOptions:
+    """How the work is cut to fit memory; never what it computes, except through tiling."""
+
+    max_memory: int | None = None  # bytes beside the weights; None: most of what the device has free
+    tile: int | None = None  # latent pixels; None: chosen from the budget
+    overlap: int | None = None  # latent pixels
     groups_per_step: int = 1
+
+    def tiling(self, loaded: LoadedModel, height: int, width: int, direction: str, share: float = 1.0) -> Tiling:
+        """The tiling for frames of ``height`` x ``width`` (padded) pixels within ``share`` of the budget."""
+        param = next(loaded.model.parameters())
+        budget = self.max_memory if self.max_memory is not None else int(0.8 * available_memory(param.device))
+        return plan_tiling(
+            loaded.model.dim,
+            height,
+            width,
+            frames_per_step=GROUP * self.groups_per_step,
+            budget=int(budget * share),
+            direction=direction,
+            bytes_per_value=param.element_size(),
+            tile=self.tile,
+            overlap=self.overlap,
+        )
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on a CUDA device, or the RAM the system reports available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_size(text: str) -> int:
+    """``4GB``, ``512M``, ``1.5GiB`` or plain bytes -> bytes (K, M, G, T: powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (value[:-1], value[-1]) if value and value[-1] in units else (value, "")
+    try:
+        size = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"not a size: '{text}' (use e.g. 4GB or 512MB)") from None
+    if size <= 0:
+        raise ValueError(f"size must be positive: '{text}'")
+    return int(size)
 
 
 @dataclass
@@ -96,27 +148,35 @@ def _from_model(video: torch.Tensor) -> np.ndarray:
 class _Source:
     """Streams a video file into a ``StreamEncoder`` and records what the latent file needs."""
 
-    def __init__(self, path: Path, loaded: LoadedModel, options: EncodeOptions):
-        self.path, self.loaded, self.options = path, loaded, options
+    def __init__(
+        self, path: Path, loaded: LoadedModel, options: EncodeOptions, memory: MemoryOptions, share: float = 1.0
+    ):
+        self.path, self.loaded, self.options, self.memory = path, loaded, options, memory
         self.info = probe(path)
         self.limit = _frame_limit(self.info, options)
+        padded = VideoSize(1, self.info.height, self.info.width).padded()
+        self.tiling = memory.tiling(loaded, padded.height, padded.width, "encode", share)
         device = next(loaded.model.parameters()).device
         self.seed = options.seed if options.seed is not None else secrets.randbits(31)
         generator = torch.Generator(device=device).manual_seed(self.seed) if options.sample else None
         self.stream = StreamEncoder(
-            loaded.model, sample=options.sample, generator=generator, groups_per_step=options.groups_per_step
+            loaded.model,
+            sample=options.sample,
+            generator=generator,
+            groups_per_step=memory.groups_per_step,
+            tiling=self.tiling,
         )
         self.pts: list[int] = []
 
     def chunks(self):
         """Yield ``(frames, latent part)`` as frames are read and encoded."""
-        chunk = GROUP * self.options.groups_per_step
+        chunk = GROUP * self.memory.groups_per_step
         for frames, stamps in read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk):
             self.pts.extend(stamps)
             yield frames, self.stream.push(_to_model(frames))
         yield None, self.stream.finish()
 
-    def header(self, tiling: dict | None = None) -> LatentHeader:
+    def header(self) -> LatentHeader:
         model = self.loaded.model
         size = self.stream.size
         padded = size.padded()
@@ -140,7 +200,7 @@ class _Source:
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             posterior="sample" if self.options.sample else "mean",
             seed=self.seed if self.options.sample else None,
-            tiling=tiling or {},
+            tiling=self.tiling.describe(padded.height // STRIDE, padded.width // STRIDE),
         )
 
     def relative_pts(self) -> np.ndarray:
@@ -159,10 +219,14 @@ class _Source:
 
 
 def encode_video(
-    source: Path, loaded: LoadedModel, options: EncodeOptions, progress: Progress | None = None
+    source: Path,
+    loaded: LoadedModel,
+    options: EncodeOptions,
+    memory: MemoryOptions | None = None,
+    progress: Progress | None = None,
 ) -> LatentFile:
     """Encode a video file into a ``LatentFile`` (the latent is small; frames are streamed)."""
-    src = _Source(source, loaded, options)
+    src = _Source(source, loaded, options, memory or MemoryOptions())
     parts = []
     for frames, latent in src.chunks():
         parts.append(latent.cpu())
@@ -219,14 +283,16 @@ def decode_latent(
     output: Path,
     loaded: LoadedModel,
     options: WriteOptions,
-    *,
-    groups_per_step: int = 1,
+    memory: MemoryOptions | None = None,
     progress: Progress | None = None,
-) -> None:
-    """Decode a latent file into a video file: frame count, size, timestamps and audio restored."""
+) -> Tiling:
+    """Decode a latent file into a video file: frame count, size, timestamps and audio restored.
+    Returns the tiling used."""
     h = data.header
+    memory = memory or MemoryOptions()
+    tiling = memory.tiling(loaded, h.padded_height, h.padded_width, "decode")
     size = (h.source_frames, h.source_height, h.source_width)
-    stream = StreamDecoder(loaded.model, size=size, groups_per_step=groups_per_step)
+    stream = StreamDecoder(loaded.model, size=size, groups_per_step=memory.groups_per_step, tiling=tiling)
     rate, time_base = Fraction(h.frame_rate), Fraction(h.time_base)
     done = 0
     with _writer(output, h.source_width, h.source_height, rate, time_base, options, data.audio) as writer:
@@ -235,12 +301,14 @@ def decode_latent(
             done += len(frames)
             if progress and len(frames):
                 progress(len(frames))
+    return tiling
 
 
 @dataclass
 class ReconstructResult:
     header: LatentHeader
     metrics: Metrics | None
+    decode_tiling: Tiling
 
 
 def reconstruct_video(
@@ -249,6 +317,7 @@ def reconstruct_video(
     options: EncodeOptions,
     output: Path | None = None,
     write_options: WriteOptions | None = None,
+    memory: MemoryOptions | None = None,
     *,
     measure: bool = True,
     progress: Progress | None = None,
@@ -258,8 +327,11 @@ def reconstruct_video(
     Reconstructed frames lag the source by at most one step; the source frames in between are
     the only ones held.
     """
-    src = _Source(source, loaded, options)
-    decoder = StreamDecoder(loaded.model, groups_per_step=options.groups_per_step)
+    memory = memory or MemoryOptions()
+    src = _Source(source, loaded, options, memory, share=0.5)  # encoder and decoder run side by side
+    padded = VideoSize(1, src.info.height, src.info.width).padded()
+    tiling = memory.tiling(loaded, padded.height, padded.width, "decode", share=0.5)
+    decoder = StreamDecoder(loaded.model, groups_per_step=memory.groups_per_step, tiling=tiling)
     metrics = Metrics() if measure else None
     waiting: deque[np.ndarray] = deque()  # source frames awaiting their reconstruction
     writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
@@ -285,4 +357,4 @@ def reconstruct_video(
             done += len(recon)
             if progress:
                 progress(len(recon))
-    return ReconstructResult(src.header(), metrics)
+    return ReconstructResult(src.header(), metrics, tiling)

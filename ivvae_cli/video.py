@@ -145,19 +145,24 @@ def read_frames(
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         to_rgb = _RGBConverter(stream, deep=info.bit_depth > 8)
-        if start > 0:
+        # Streams without timestamps (raw H.264, say) get them from the frame rate, counting from
+        # the first frame; those are read from the start, never sought.
+        seekable = start > 0 and stream.start_time is not None
+        if seekable:
             container.seek(int(start / stream.time_base), stream=stream, backward=True)
         frames: list[np.ndarray] = []
         stamps: list[int] = []
-        count = 0
+        count = decoded = 0
         try:
             for frame in container.decode(stream):
-                if frame.time is not None and frame.time < start - 1e-6:
+                pts = frame.pts if frame.pts is not None else round(decoded / info.frame_rate / info.time_base)
+                decoded += 1
+                if pts * info.time_base < start - 1e-6:
                     continue
                 if max_frames is not None and count >= max_frames:
                     break
                 frames.append(to_rgb(frame))
-                stamps.append(frame.pts if frame.pts is not None else count)
+                stamps.append(pts)
                 count += 1
                 if len(frames) == chunk:
                     yield np.stack(frames), stamps
