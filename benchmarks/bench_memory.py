@@ -57,9 +57,10 @@ def random_checkpoint(folder: Path) -> Path:
 
 def psnr_between(a: Path, b: Path) -> float:
     from ivvae_cli.metrics import psnr
-    from ivvae_cli.video import read_frames
+    from ivvae_cli.video import read_frames, unit_float
 
-    values = [psnr(x, y) for (x, _), (y, _) in zip(read_frames(a), read_frames(b), strict=True)]
+    pairs = zip(read_frames(a), read_frames(b), strict=True)
+    values = [psnr(unit_float(x), unit_float(y)) for (x, _), (y, _) in pairs]
     return float(np.mean(np.concatenate(values)))
 
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ivvae_cli import __version__
-from ivvae_cli.errors import InputError, IvvaeError
+from ivvae_cli.errors import InputError, IvvaeError, OutputError
 from ivvae_cli.latent_file import read_latent_file, write_latent_file
 from ivvae_cli.outputs import atomic_output, check_output
 from ivvae_cli.pipeline import (
@@ -385,6 +385,75 @@ def _latent_info(path: Path) -> dict[str, Any]:
         "audio_bytes": len(data.audio) if data.audio else 0,
     }
     return report
+
+
+@app.command()
+def train(
+    videos: Annotated[list[Path] | None, typer.Argument(help="Training videos (or use --manifest).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder: state.pt, model.safetensors, log.jsonl.")] = Path("run"),
+    manifest: Annotated[Path | None, typer.Option(help="A MANIFEST.tsv with split and file columns.")] = None,
+    split: Annotated[str, typer.Option(help="Manifest split to train on.")] = "train",
+    eval_split: Annotated[str | None, typer.Option(help="Manifest split for held-out PSNR.")] = "eval",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out (its settings; --steps may grow).")] = False,
+    phase: Annotated[str, typer.Option(help="image (single frames) or video (clips).")] = "video",
+    steps: Annotated[int | None, typer.Option(min=1, help="Total optimizer steps.")] = None,
+    z_dim: Annotated[int, typer.Option(help="Latent channels.")] = 16,
+    dim: Annotated[int, typer.Option(help="Base width.")] = 8,
+    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint (fine-tuning).")] = None,
+    crop: Annotated[int, typer.Option(min=16, help="Square crop, pixels (multiple of 8).")] = 128,
+    batch: Annotated[int, typer.Option(min=1)] = 4,
+    clip_frames: Annotated[int, typer.Option(min=1, help="Frames per clip, 1 + 4k.")] = 9,
+    short_side: Annotated[int, typer.Option(min=0, help="Resize videos to this short side (0: as they are).")] = 256,
+    lr: Annotated[float, typer.Option()] = 3e-4,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Train or fine-tune IV-VAE on videos; resumable, exactly."""
+    from ivvae_cli.train import TrainConfig, Trainer, manifest_videos, saved_config
+
+    with _errors():
+        existing = saved_config(out)
+        if existing is not None and not resume:
+            raise OutputError(f"{out} holds a run already: --resume continues it, or choose another --out")
+        if resume:
+            if existing is None:
+                raise InputError(f"nothing to resume in {out}")
+            config = existing
+            config.steps = steps or config.steps
+        else:
+            files = [str(v) for v in videos or []]
+            evals: list[str] = []
+            if manifest is not None:
+                files += manifest_videos(_input_file(manifest), split)
+                evals = manifest_videos(manifest, eval_split) if eval_split else []
+            if not files:
+                raise InputError("no training videos: give files or --manifest")
+            if (clip_frames - 1) % 4 or crop % 8:
+                raise IvvaeError("--clip-frames must be 1 + 4k and --crop a multiple of 8")
+            if phase not in ("image", "video"):
+                raise IvvaeError("--phase is image or video")
+            config = TrainConfig(
+                videos=files, eval_videos=evals, z_dim=z_dim, dim=dim, init=str(init) if init else None,
+                phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
+                short_side=short_side, lr=lr, seed=seed,
+            )  # fmt: skip
+        trainer = Trainer(config, out, select_device(device))
+        if not quiet:
+            stderr.print(f"training {trainer.model.z_dim}x{trainer.model.dim} from step {trainer.step} in {out}")
+        columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}")]
+        with Progress(*columns, TimeRemainingColumn(), console=stderr, disable=quiet) as bar:
+            task = bar.add_task("train", total=config.steps, completed=trainer.step, status="")
+
+            def show(step: int, record: dict) -> None:
+                status = f"loss {record['loss']:.4f}"
+                if "eval_psnr_db" in record:
+                    status += f"  held-out {record['eval_psnr_db']:.2f} dB"
+                bar.update(task, completed=step, status=status)
+
+            record = trainer.run(show)
+        if not quiet:
+            stderr.print(f"step {trainer.step}: {record}; weights in {out / 'model.safetensors'}", highlight=False)
 
 
 def _version(value: bool) -> None:

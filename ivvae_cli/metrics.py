@@ -36,14 +36,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.minimum(10 * np.log10(1.0 / mse), PSNR_CAP)
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-frame SSIM of ``(t, H, W, C)`` arrays in [0, 1] (see the module docstring)."""
-    t, h, w, c = a.shape
+def ssim_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM of image batches ``(N, C, H, W)`` in [0, 1], one value per image (see the module
+    docstring); differentiable, so training uses it too."""
+    n, c, h, w = x.shape
     if min(h, w) < 2 * _RADIUS + 1:
         raise ValueError(f"SSIM needs frames of at least {2 * _RADIUS + 1} pixels each way, got {w}x{h}")
-    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).permute(0, 3, 1, 2).reshape(t * c, 1, h, w)
-    y = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64)).permute(0, 3, 1, 2).reshape(t * c, 1, h, w)
-    g = _gaussian_window()
+    g = _gaussian_window().to(x)
+    x, y = x.reshape(n * c, 1, h, w), y.reshape(n * c, 1, h, w)
 
     def blur(z: torch.Tensor) -> torch.Tensor:
         return F.conv2d(F.conv2d(z, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
@@ -52,7 +52,14 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2, 3)).view(t, c).mean(dim=1).numpy()
+    return s.mean(dim=(1, 2, 3)).view(n, c).mean(dim=1)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-frame SSIM of ``(t, H, W, C)`` arrays in [0, 1], in float64."""
+    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).permute(0, 3, 1, 2)
+    y = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64)).permute(0, 3, 1, 2)
+    return ssim_torch(x, y).numpy()
 
 
 @dataclass

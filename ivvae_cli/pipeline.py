@@ -22,7 +22,7 @@ from ivvae_cli.errors import DeviceError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
 from ivvae_cli.metrics import Metrics
 from ivvae_cli.stream import GROUP, STRIDE, StreamDecoder, StreamEncoder, Tiling, VideoSize, plan_tiling
-from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames
+from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames, unit_float
 from ivvae_cli.weights import LoadedModel
 
 Progress = Callable[[int], None]
@@ -136,13 +136,14 @@ def expected_frames(info: VideoInfo, options: EncodeOptions) -> int | None:
 
 
 def _to_model(frames: np.ndarray) -> torch.Tensor:
-    """``(t, H, W, 3)`` in [0, 1] -> ``(1, 3, t, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1
+    """Integer RGB ``(t, H, W, 3)`` -> ``(1, 3, t, H, W)`` in [-1, 1] (in place: frames can be 4K)."""
+    return torch.from_numpy(unit_float(frames)).mul_(2).sub_(1).permute(3, 0, 1, 2).unsqueeze(0)
 
 
 def _from_model(video: torch.Tensor) -> np.ndarray:
-    """``(1, 3, t, H, W)`` in [-1, 1] -> ``(t, H, W, 3)`` float32 in [0, 1]."""
-    return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()
+    """``(1, 3, t, H, W)`` in [-1, 1] -> ``(t, H, W, 3)`` float32 in [0, 1], in place where it can."""
+    frames = video[0].to("cpu", torch.float32)
+    return frames.clamp_(-1, 1).add_(1).mul_(0.5).permute(1, 2, 3, 0).numpy()
 
 
 class _Source:
@@ -333,7 +334,7 @@ def reconstruct_video(
     tiling = memory.tiling(loaded, padded.height, padded.width, "decode", share=0.5)
     decoder = StreamDecoder(loaded.model, groups_per_step=memory.groups_per_step, tiling=tiling)
     metrics = Metrics() if measure else None
-    waiting: deque[np.ndarray] = deque()  # source frames awaiting their reconstruction
+    waiting: deque[np.ndarray] = deque()  # source frames (integers) awaiting their reconstruction
     writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
     done = 0
     with writer or nullcontext():
@@ -351,7 +352,7 @@ def reconstruct_video(
                 continue
             originals = np.stack([waiting.popleft() for _ in recon])
             if metrics:
-                metrics.update(originals, recon)
+                metrics.update(unit_float(originals), recon)
             if writer:
                 writer.write(recon, [p - src.pts[0] for p in src.pts[done : done + len(recon)]])
             done += len(recon)

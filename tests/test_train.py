@@ -1,0 +1,61 @@
+"""Training: the loss goes down, a resumed run is the same run, the result loads as weights."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ivvae_cli.cli import app
+from ivvae_cli.train import TrainConfig, Trainer
+from ivvae_cli.weights import load_model
+
+from .media import make_clip
+
+
+def _config(clip, steps: int) -> TrainConfig:
+    return TrainConfig(
+        videos=[str(clip)], z_dim=4, dim=4, steps=steps, clip_frames=5, crop=32, batch=2, short_side=0,
+        lr=2e-3, checkpoint_every=2, eval_every=1000,
+    )  # fmt: skip
+
+
+def test_training_lowers_the_loss(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    trainer = Trainer(_config(clip, 30), tmp_path / "run", torch.device("cpu"))
+    trainer.run()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_resuming_continues_exactly(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    Trainer(_config(clip, 4), tmp_path / "straight", torch.device("cpu")).run()
+    Trainer(_config(clip, 2), tmp_path / "resumed", torch.device("cpu")).run()
+    Trainer(_config(clip, 4), tmp_path / "resumed", torch.device("cpu")).run()
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_trains_resumes_and_the_result_loads(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    (tmp_path / "MANIFEST.tsv").write_text("split\tfile\ntrain\tclip.mp4\neval\tclip.mp4\n")
+    args = ["train", "--manifest", str(tmp_path / "MANIFEST.tsv"), "--out", str(tmp_path / "run"), "-q"]
+    small = ["--dim", "4", "--z-dim", "4", "--crop", "32", "--clip-frames", "5", "--batch", "1", "--short-side", "0"]
+    result = CliRunner().invoke(app, [*args, *small, "--steps", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    again = CliRunner().invoke(app, [*args, "--steps", "3"])
+    assert again.exit_code == 4 and "--resume" in again.stderr
+    resumed = CliRunner().invoke(app, [*args, "--resume", "--steps", "3", "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.stderr
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and "eval_psnr_db" in log[-1]
+    loaded = load_model(tmp_path / "run" / "model.safetensors")
+    assert (loaded.model.z_dim, loaded.model.dim) == (4, 4) and loaded.model.scale_factor != 1.0
