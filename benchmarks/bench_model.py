@@ -25,6 +25,16 @@ def count_flops(fn) -> float:
     return counter.get_total_flops()
 
 
+def figures(frames: int, seconds: float, flops: float, peak_gpu: int | None) -> dict:
+    return {
+        "seconds": round(seconds, 2),
+        "frames_per_s": round(frames / seconds, 3),
+        "gflop_per_frame": round(flops / frames / 1e9, 1),
+        "gflop_per_s": round(flops / seconds / 1e9, 1),
+        "peak_gpu_mib": peak_gpu and round(peak_gpu / 2**20),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=5)
@@ -73,20 +83,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": args.dtype,
         "groups_per_step": args.groups_per_step,
-        "encode": {
-            "seconds": round(encode_s, 2),
-            "frames_per_s": round(args.frames / encode_s, 3),
-            "gflop_per_frame": round(encode_flops / args.frames / 1e9, 1),
-            "gflop_per_s": round(encode_flops / encode_s / 1e9, 1),
-            "peak_gpu_mib": encode_peak and round(encode_peak / 2**20),
-        },
-        "decode": {
-            "seconds": round(decode_s, 2),
-            "frames_per_s": round(args.frames / decode_s, 3),
-            "gflop_per_frame": round(decode_flops / args.frames / 1e9, 1),
-            "gflop_per_s": round(decode_flops / decode_s / 1e9, 1),
-            "peak_gpu_mib": decode_peak and round(decode_peak / 2**20),
-        },
+        "encode": figures(args.frames, encode_s, encode_flops, encode_peak),
+        "decode": figures(args.frames, decode_s, decode_flops, decode_peak),
         "peak_rss_mib": round(rss_peak / 2**20),
     }
     print(json.dumps(report, indent=2))
