@@ -129,11 +129,15 @@ def reconstruct_clip(model: IVVAE, clip: torch.Tensor, generator: torch.Generato
     return torch.cat(frames, dim=1), mu, logvar
 
 
+def _unit_frames(clip: torch.Tensor) -> torch.Tensor:
+    """``(B, T, 3, H, W)`` in [-1, 1] -> ``(B*T, 3, H, W)`` in [0, 1]."""
+    return (clip.flatten(0, 1).float() + 1) / 2
+
+
 def loss_terms(model: IVVAE, clip: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict:
     recon, mu, logvar = reconstruct_clip(model, clip, generator)
     l1 = (recon - clip).abs().mean()
-    flat = lambda v: (v.flatten(0, 1).float() + 1) / 2  # noqa: E731
-    ssim = ssim_torch(flat(recon).clamp(0, 1), flat(clip)).mean()
+    ssim = ssim_torch(_unit_frames(recon).clamp(0, 1), _unit_frames(clip)).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
     total = l1 + config.ssim_weight * (1 - ssim) + config.kl_weight * kl
     return {"loss": total, "l1": l1, "ssim": ssim, "kl": kl}

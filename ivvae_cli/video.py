@@ -6,8 +6,9 @@ Policies (documented in README.md):
   when the source has more than 8.
 - Rotation metadata is applied: frames come out upright, as players show them.
 - Alpha is dropped: the model codes colour only.
-- Variable frame rate is kept: every decoded frame is used once, and its timestamp is kept so the
-  output can restore it; ``frame_rate`` is the stream's average rate.
+- Variable frame rate is kept: every decoded frame is used once and keeps its timestamp; outputs
+  put timestamps on a grid of 1/8 frame at the average rate, so a constant rate comes back exactly.
+  Streams without timestamps (raw H.264) get them from the frame rate.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _open(path: Path) -> av.container.InputContainer:
         raise InputError(f"no permission to read {path}") from None
 
 
-NOT_VIDEO_FORMATS = {"tty", "image2pipe"}  # ffmpeg renders text files as "video" through tty
+NOT_VIDEO_FORMATS = {"tty"}  # ffmpeg renders any text file as "video" through tty
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
@@ -66,7 +67,7 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.vide
 
 
 def probe(path: str | Path) -> VideoInfo:
-    """Read a video's properties without decoding it."""
+    """Read a video's properties, decoding at most its first frame (for the rotation)."""
     path = Path(path)
     with _open(path) as container:
         stream = _video_stream(container, path)
