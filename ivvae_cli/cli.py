@@ -21,12 +21,14 @@ from rich.text import Text
 from ivvae_cli import __version__
 from ivvae_cli.errors import InputError, IvvaeError, OutputError
 from ivvae_cli.latent_file import read_latent_file, write_latent_file
+from ivvae_cli.metrics import Metrics, plot_per_frame
 from ivvae_cli.outputs import atomic_output, check_output
 from ivvae_cli.pipeline import (
     EncodeOptions,
     MemoryOptions,
     WriteOptions,
     check_model_matches,
+    compare_videos,
     decode_latent,
     encode_video,
     expected_frames,
@@ -75,6 +77,11 @@ CodecOpt = Annotated[
     str | None, typer.Option(help="Video codec: h264, h265, vp9, av1, ffv1, ... (default: by extension).")
 ]
 CrfOpt = Annotated[int, typer.Option("--crf", min=0, max=63, help="Quality (CRF) of lossy codecs; lower is better.")]
+ComparisonOpt = Annotated[
+    Path | None, typer.Option("--compare-video", help="Write source | result | amplified error side by side.")
+]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Per-frame plot (PNG; needs matplotlib).")]
+LpipsOpt = Annotated[bool, typer.Option("--lpips", help="Also LPIPS, if its package and weights are installed.")]
 LosslessOpt = Annotated[bool, typer.Option(help="Lossless output: FFV1 (.mkv, .avi) or H.264 RGB (.mp4, .mov).")]
 
 
@@ -256,6 +263,9 @@ def reconstruct(
     input: Annotated[Path, typer.Argument(help="Video file.")],
     output: Annotated[Path | None, typer.Argument(help="Reconstructed video to write (optional).")] = None,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Measure PSNR and SSIM.")] = False,
+    compare_video: ComparisonOpt = None,
+    plot: PlotOpt = None,
+    lpips: LpipsOpt = False,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -279,46 +289,107 @@ def reconstruct(
     """Encode and decode in one streaming pass; write the result and/or measure what was lost."""
     with _errors():
         info = probe(_input_file(input))
-        if output is None and not metrics and json_path is None:
-            metrics = True  # nothing else to show for the work
-        if output is not None:
-            check_output(output, force)
+        metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
+        for path in (output, compare_video, plot):
+            if path is not None:
+                check_output(path, force)
+        lpips_net = _lpips() if lpips else None
         loaded = _load(weights, model, device, dtype, quiet)
         options = EncodeOptions(start, frames, duration, sample, seed)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         write = WriteOptions(codec, crf, lossless)
-        with _progress("reconstruct", expected_frames(info, options), quiet) as progress:
-            if output is None:
-                result = reconstruct_video(
-                    input, loaded, options, None, write, memory, measure=metrics, progress=progress
-                )
-            else:
-                with atomic_output(output, force) as tmp:
-                    result = reconstruct_video(
-                        input, loaded, options, tmp, write, memory, measure=metrics, progress=progress
-                    )
+        with (
+            _progress("reconstruct", expected_frames(info, options), quiet) as progress,
+            _maybe_atomic(output, force) as tmp,
+            _maybe_atomic(compare_video, force) as side,
+        ):
+            result = reconstruct_video(
+                input, loaded, options, tmp, write, memory,
+                measure=metrics, lpips=lpips_net, comparison=side, progress=progress,
+            )  # fmt: skip
+        h = result.header
         report: dict[str, Any] = {
             "input": str(input),
             "output": str(output) if output else None,
             "model": loaded.name,
-            "frames": result.header.source_frames,
-            "encode_tiling": result.header.tiling,
-            "decode_tiling": result.decode_tiling.describe(
-                result.header.padded_height // 8, result.header.padded_width // 8
-            ),
+            "frames": h.source_frames,
+            "encode_tiling": h.tiling,
+            "decode_tiling": result.decode_tiling.describe(h.padded_height // 8, h.padded_width // 8),
+            "sizes": result.sizes,
         }
         if result.metrics is not None:
-            summary = result.metrics.summary()
-            report["metrics"] = summary
-            report["per_frame"] = {"psnr_db": result.metrics.psnr, "ssim": result.metrics.ssim}
-            if not quiet or json_path is None:
-                _print_metrics(summary)
+            _metrics_report(result.metrics, report, plot, force, show=not quiet or json_path is None)
         _report(report, json_path)
 
 
-def _print_metrics(summary: dict[str, float]) -> None:
-    table = Table(title="reconstruction", show_header=True)
-    for name in ("frames", "PSNR (dB)", "SSIM", "worst PSNR", "worst SSIM"):
+@app.command()
+def compare(
+    reference: Annotated[Path, typer.Argument(help="The original video.")],
+    other: Annotated[Path, typer.Argument(help="The video to judge against it (any codec).")],
+    frames: FramesOpt = None,
+    compare_video: ComparisonOpt = None,
+    plot: PlotOpt = None,
+    lpips: LpipsOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """The same metrics between any two videos of the same size, frame by frame."""
+    with _errors():
+        info = probe(_input_file(reference))
+        probe(_input_file(other))
+        for path in (compare_video, plot):
+            if path is not None:
+                check_output(path, force)
+        lpips_net = _lpips() if lpips else None
+        total = min(info.frames, frames) if info.frames and frames else info.frames or frames
+        with _progress("compare", total, quiet) as progress, _maybe_atomic(compare_video, force) as side:
+            metrics, counts = compare_videos(
+                reference, other, max_frames=frames, comparison=side, lpips=lpips_net, progress=progress
+            )
+        report: dict[str, Any] = {"reference": str(reference), "other": str(other), "frames": counts}
+        if counts["a"] != counts["b"] and not quiet:
+            stderr.print(f"note: {counts['a']} frames against {counts['b']}; compared the first {len(metrics.psnr)}")
+        _metrics_report(metrics, report, plot, force, show=not quiet or json_path is None)
+        _report(report, json_path)
+
+
+@contextmanager
+def _maybe_atomic(path: Path | None, force: bool) -> Iterator[Path | None]:
+    if path is None:
+        yield None
+        return
+    with atomic_output(path, force) as tmp:
+        yield tmp
+
+
+def _lpips():
+    from ivvae_cli.metrics import load_lpips
+
+    try:
+        return load_lpips()
+    except RuntimeError as e:
+        raise IvvaeError(f"{e}; LPIPS not computed (ivvae never downloads networks)") from None
+
+
+def _metrics_report(metrics: Metrics, report: dict, plot: Path | None, force: bool, show: bool) -> None:
+    summary = metrics.summary()
+    report["metrics"] = summary
+    report["per_frame"] = metrics.per_frame()
+    if plot is not None:
+        try:
+            with atomic_output(plot, force) as tmp:
+                plot_per_frame(metrics, tmp)
+        except RuntimeError as e:
+            raise IvvaeError(str(e)) from None
+    if show:
+        _print_metrics(summary, report.get("sizes"))
+
+
+def _print_metrics(summary: dict, sizes: dict | None) -> None:
+    console = Console()
+    table = Table(title="what was lost", show_header=True)
+    for name in ("frames", "PSNR (dB)", "SSIM", "worst PSNR", "worst SSIM", "flicker (levels)"):
         table.add_column(name, justify="right")
     table.add_row(
         str(summary["frames"]),
@@ -326,8 +397,25 @@ def _print_metrics(summary: dict[str, float]) -> None:
         f"{summary['ssim']:.4f}",
         f"{summary['psnr_db_min']:.2f}",
         f"{summary['ssim_min']:.4f}",
+        f"{summary['flicker']:.3f}",
     )
-    Console().print(table)
+    console.print(table)
+    positions = Table(title="by position in group (0: keyframe)", show_header=True)
+    for name in ("position", "frames", "PSNR (dB)", "SSIM"):
+        positions.add_column(name, justify="right")
+    for position, row in summary["positions"].items():
+        positions.add_row(position, str(row["frames"]), f"{row['psnr_db']:.2f}", f"{row['ssim']:.4f}")
+    console.print(positions)
+    spread = summary["position_spread"]
+    console.print(f"spread over positions 0-3: {spread['psnr_db']:.3f} dB, SSIM {spread['ssim']:.4f}", highlight=False)
+    worst = ", ".join(f"#{r['index']} ({r['psnr_db']:.2f} dB)" for r in summary["worst_frames"])
+    console.print(f"worst frames: {worst}", highlight=False)
+    if sizes:
+        console.print(
+            f"latent {sizes['latent_bytes']:,} bytes: raw RGB is {sizes['raw_to_latent']}x larger"
+            + (f", the source file {sizes['source_to_latent']}x" if "source_to_latent" in sizes else ""),
+            highlight=False,
+        )
 
 
 @app.command()

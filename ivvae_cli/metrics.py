@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,24 +63,139 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ssim_torch(x, y).numpy()
 
 
+def group_position(index: int) -> str:
+    """Where a frame sits in IV-VAE's time structure: ``first`` (the lone first frame), else its
+    position 0-3 in its group of four (0: the keyframe, from the 2D half)."""
+    return "first" if index == 0 else str((index - 1) % 4)
+
+
+def _signed(frames: np.ndarray) -> torch.Tensor:
+    """``(t, H, W, 3)`` in [0, 1] -> ``(t, 3, H, W)`` in [-1, 1], as LPIPS takes them."""
+    return torch.from_numpy(np.ascontiguousarray(frames, np.float32)).permute(0, 3, 1, 2) * 2 - 1
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 @dataclass
 class Metrics:
-    """Per-frame PSNR and SSIM of a stream, and their summary."""
+    """Per-frame PSNR, SSIM and flicker of a stream of frame pairs, and their summary.
+
+    Flicker of frame i: the mean absolute difference, in 8-bit levels, between the reconstruction's
+    change from frame i-1 to i and the source's (0 when motion is reproduced exactly).
+    """
 
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
+    flicker: list[float] = field(default_factory=list)
+    lpips: list[float] = field(default_factory=list)
+    lpips_net: torch.nn.Module | None = field(default=None, repr=False)
+    _last: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def update(self, source: np.ndarray, reconstruction: np.ndarray) -> None:
+        """Frames ``(t, H, W, 3)`` in [0, 1]; the reconstruction is rounded to 8 bits first."""
         recon = np.rint(np.clip(reconstruction, 0, 1) * 255) / 255
         self.psnr.extend(psnr(source, recon).tolist())
         small = min(source.shape[1:3]) < 2 * _RADIUS + 1
         self.ssim.extend([math.nan] * len(source) if small else ssim(source, recon).tolist())
+        if self.lpips_net is not None:
+            with torch.no_grad():
+                self.lpips.extend(self.lpips_net(_signed(source), _signed(recon)).flatten().tolist())
+        for src, rec in zip(source, recon, strict=True):
+            if self._last is None:
+                self.flicker.append(math.nan)
+            else:
+                change = (rec.astype(np.float64) - self._last[1]) - (src.astype(np.float64) - self._last[0])
+                self.flicker.append(float(np.abs(change).mean() * 255))
+            self._last = (src.astype(np.float64), rec.astype(np.float64))
 
-    def summary(self) -> dict[str, float]:
+    def per_frame(self) -> list[dict]:
+        rows = [
+            {"index": i, "position": group_position(i), "psnr_db": p, "ssim": s, "flicker": f}
+            for i, (p, s, f) in enumerate(zip(self.psnr, self.ssim, self.flicker, strict=True))
+        ]
+        for row, value in zip(rows, self.lpips, strict=False):
+            row["lpips"] = value
+        return rows
+
+    def positions(self) -> dict[str, dict]:
+        """Mean PSNR and SSIM of the first frame and of each position in a group."""
+        out = {}
+        for position in ("first", "0", "1", "2", "3"):
+            rows = [r for r in self.per_frame() if r["position"] == position]
+            if rows:
+                out[position] = {
+                    "frames": len(rows),
+                    "psnr_db": _mean([r["psnr_db"] for r in rows]),
+                    "ssim": _mean([r["ssim"] for r in rows]),
+                }
+        return out
+
+    def summary(self, worst: int = 5) -> dict:
+        positions = self.positions()
+        in_groups = [positions[p] for p in "0123" if p in positions]
+        spread = {
+            key: (max(v[key] for v in in_groups) - min(v[key] for v in in_groups)) if len(in_groups) > 1 else math.nan
+            for key in ("psnr_db", "ssim")
+        }
+        worst_frames = sorted(self.per_frame(), key=lambda r: r["psnr_db"])[:worst]
         return {
             "frames": len(self.psnr),
-            "psnr_db": float(np.mean(self.psnr)) if self.psnr else math.nan,
-            "ssim": float(np.mean(self.ssim)) if self.ssim else math.nan,  # NaN below 11x11 frames
-            "psnr_db_min": float(np.min(self.psnr)) if self.psnr else math.nan,
-            "ssim_min": float(np.min(self.ssim)) if self.ssim else math.nan,
+            "psnr_db": _mean(self.psnr),
+            "ssim": _mean(self.ssim),  # NaN for frames under 11x11 pixels
+            "psnr_db_min": min(self.psnr, default=math.nan),
+            "ssim_min": min((v for v in self.ssim if not math.isnan(v)), default=math.nan),
+            "flicker": _mean(self.flicker),
+            **({"lpips": _mean(self.lpips)} if self.lpips else {}),
+            "positions": positions,
+            "position_spread": spread,
+            "worst_frames": [{k: r[k] for k in ("index", "position", "psnr_db", "ssim")} for r in worst_frames],
         }
+
+
+def load_lpips() -> torch.nn.Module:
+    """The LPIPS (AlexNet) network, from the ``lpips`` package and weights already on this machine;
+    ivvae never downloads them, and says so rather than report a made-up figure."""
+    try:
+        import lpips  # optional: pip install lpips
+    except ImportError:
+        raise RuntimeError("LPIPS needs the 'lpips' package and its AlexNet weights on this machine") from None
+    try:
+        return lpips.LPIPS(net="alex", verbose=False).eval()
+    except Exception as e:  # a download attempt without network, a missing file
+        raise RuntimeError(f"LPIPS weights are not available on this machine ({e.__class__.__name__})") from None
+
+
+def sizes(latent_bytes: int, frames: int, height: int, width: int, source_bytes: int | None) -> dict:
+    """How the latent's size compares with the raw 8-bit RGB frames and the source file."""
+    raw = frames * height * width * 3
+    out = {"latent_bytes": latent_bytes, "raw_rgb8_bytes": raw, "raw_to_latent": round(raw / latent_bytes, 2)}
+    if source_bytes:
+        out |= {"source_bytes": source_bytes, "source_to_latent": round(source_bytes / latent_bytes, 3)}
+    return out
+
+
+def plot_per_frame(metrics: Metrics, path: Path) -> None:
+    """PSNR and SSIM per frame, coloured by position in group (needs matplotlib: the plot extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib (pip install 'ivvae-cli[plot]')") from None
+    rows = metrics.per_frame()
+    figure, axes = plt.subplots(2, 1, sharex=True, figsize=(10, 5))
+    for axis, key in zip(axes, ("psnr_db", "ssim"), strict=True):
+        axis.plot([r["index"] for r in rows], [r[key] for r in rows], color="0.6", linewidth=0.8)
+        for position in ("first", "0", "1", "2", "3"):
+            mine = [r for r in rows if r["position"] == position]
+            axis.scatter([r["index"] for r in mine], [r[key] for r in mine], s=8, label=f"position {position}")
+        axis.set_ylabel("PSNR (dB)" if key == "psnr_db" else "SSIM")
+    axes[0].legend(fontsize="small", ncol=5)
+    axes[1].set_xlabel("frame")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

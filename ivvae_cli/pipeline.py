@@ -13,14 +13,15 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ivvae_cli.errors import DeviceError, WeightsError
+from ivvae_cli.errors import DeviceError, InputError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
-from ivvae_cli.metrics import Metrics
+from ivvae_cli.metrics import Metrics, sizes
 from ivvae_cli.stream import GROUP, STRIDE, StreamDecoder, StreamEncoder, Tiling, VideoSize, plan_tiling
 from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames, unit_float
 from ivvae_cli.weights import LoadedModel
@@ -310,6 +311,76 @@ class ReconstructResult:
     header: LatentHeader
     metrics: Metrics | None
     decode_tiling: Tiling
+    sizes: dict
+
+
+ERROR_GAIN = 8  # the comparison video's error map: |source - reconstruction| times this
+
+
+class ComparisonWriter:
+    """A video of source | reconstruction | amplified error, side by side."""
+
+    def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction):
+        self.writer = _writer(path, 3 * width, height, frame_rate, time_base, WriteOptions(), None)
+
+    def write(self, source: np.ndarray, reconstruction: np.ndarray, pts: list[int]) -> None:
+        recon = np.rint(np.clip(reconstruction, 0, 1) * 255) / 255
+        error = np.clip(np.abs(source - recon) * ERROR_GAIN, 0, 1)
+        self.writer.write(np.concatenate([source, recon, error], axis=2), pts)
+
+    def __enter__(self) -> ComparisonWriter:
+        return self
+
+    def __exit__(self, *error) -> None:
+        self.writer.__exit__(*error)
+
+
+def _source_bytes(info: VideoInfo, frames: int) -> int | None:
+    """The source file's bytes, pro rata when only part of it was used."""
+    size = info.path.stat().st_size
+    return round(size * min(1.0, frames / info.frames)) if info.frames else size
+
+
+def compare_videos(
+    a: Path,
+    b: Path,
+    *,
+    max_frames: int | None = None,
+    comparison: Path | None = None,
+    lpips: torch.nn.Module | None = None,
+    progress: Progress | None = None,
+) -> tuple[Metrics, dict]:
+    """Metrics of video ``b`` against video ``a``, frame by frame (any two videos, any codec).
+    Returns the metrics and the frame counts; frames past the shorter video are not compared."""
+    info_a, info_b = probe(a), probe(b)
+    if (info_a.width, info_a.height) != (info_b.width, info_b.height):
+        raise InputError(f"{a} is {info_a.width}x{info_a.height} but {b} is {info_b.width}x{info_b.height}")
+    metrics = Metrics(lpips_net=lpips)
+    counts = {"a": 0, "b": 0}
+    first_pts = None
+    side = (
+        ComparisonWriter(comparison, info_a.width, info_a.height, info_a.frame_rate, info_a.time_base)
+        if comparison
+        else nullcontext()
+    )
+    with side as writer:
+        # Both readers yield chunks of the same length, so chunks pair up frame for frame.
+        for chunk_a, chunk_b in zip_longest(
+            read_frames(a, max_frames=max_frames), read_frames(b, max_frames=max_frames)
+        ):
+            counts["a"] += len(chunk_a[0]) if chunk_a else 0
+            counts["b"] += len(chunk_b[0]) if chunk_b else 0
+            if not (chunk_a and chunk_b):
+                continue
+            n = min(len(chunk_a[0]), len(chunk_b[0]))
+            x, y = unit_float(chunk_a[0][:n]), unit_float(chunk_b[0][:n])
+            metrics.update(x, y)
+            first_pts = chunk_a[1][0] if first_pts is None else first_pts
+            if writer:
+                writer.write(x, y, [p - first_pts for p in chunk_a[1][:n]])
+            if progress:
+                progress(n)
+    return metrics, counts
 
 
 def reconstruct_video(
@@ -321,6 +392,8 @@ def reconstruct_video(
     memory: MemoryOptions | None = None,
     *,
     measure: bool = True,
+    lpips: torch.nn.Module | None = None,
+    comparison: Path | None = None,
     progress: Progress | None = None,
 ) -> ReconstructResult:
     """Encode and decode in one streaming pass; optionally write the result and measure it.
@@ -333,11 +406,15 @@ def reconstruct_video(
     padded = VideoSize(1, src.info.height, src.info.width).padded()
     tiling = memory.tiling(loaded, padded.height, padded.width, "decode", share=0.5)
     decoder = StreamDecoder(loaded.model, groups_per_step=memory.groups_per_step, tiling=tiling)
-    metrics = Metrics() if measure else None
+    metrics = Metrics(lpips_net=lpips) if measure else None
     waiting: deque[np.ndarray] = deque()  # source frames (integers) awaiting their reconstruction
     writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
+    info = src.info
+    side = (
+        ComparisonWriter(comparison, info.width, info.height, info.frame_rate, info.time_base) if comparison else None
+    )
     done = 0
-    with writer or nullcontext():
+    with writer or nullcontext(), side or nullcontext():
         for frames, latent in src.chunks():
             if frames is not None:
                 waiting.extend(frames)
@@ -350,12 +427,25 @@ def reconstruct_video(
             recon = recon[: len(waiting), : src.info.height, : src.info.width]
             if not len(recon):
                 continue
-            originals = np.stack([waiting.popleft() for _ in recon])
+            originals = unit_float(np.stack([waiting.popleft() for _ in recon]))
+            pts = [p - src.pts[0] for p in src.pts[done : done + len(recon)]]
             if metrics:
-                metrics.update(unit_float(originals), recon)
+                metrics.update(originals, recon)
             if writer:
-                writer.write(recon, [p - src.pts[0] for p in src.pts[done : done + len(recon)]])
+                writer.write(recon, pts)
+            if side:
+                side.write(originals, recon, pts)
             done += len(recon)
             if progress:
                 progress(len(recon))
-    return ReconstructResult(src.header(), metrics, tiling)
+    header = src.header()
+    lat = VideoSize(header.padded_frames, header.padded_height, header.padded_width).latent()
+    latent_bytes = 4 * header.z_dim * lat.frames * lat.height * lat.width  # float32, as a latent file holds it
+    size = sizes(
+        latent_bytes,
+        header.source_frames,
+        header.source_height,
+        header.source_width,
+        _source_bytes(info, header.source_frames),
+    )
+    return ReconstructResult(header, metrics, tiling, size)

@@ -73,6 +73,16 @@ def make_clip(
     return images
 
 
+def write_frames(path: Path, frames: np.ndarray, fps: Fraction = Fraction(25)) -> None:
+    """Write uint8 RGB frames losslessly (FFV1 in Matroska)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
+        for image in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode(None))
+
+
 def ffmpeg_frames(path: Path, width: int, height: int, deep: bool = False, frames: int | None = None) -> np.ndarray:
     """RGB frames decoded by the ffmpeg binary, as float32 in [0, 1]."""
     args = [FFMPEG, "-v", "error", "-i", str(path)]

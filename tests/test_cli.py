@@ -168,8 +168,8 @@ def test_lossless_output_and_metrics_agree_with_an_independent_computation(tmp_p
             use_sample_covariance=False,
             data_range=1.0,
         )
-        assert report["per_frame"]["psnr_db"][i] == pytest.approx(psnr, abs=1e-3)
-        assert report["per_frame"]["ssim"][i] == pytest.approx(ssim, abs=1e-4)
+        assert report["per_frame"][i]["psnr_db"] == pytest.approx(psnr, abs=1e-3)
+        assert report["per_frame"][i]["ssim"] == pytest.approx(ssim, abs=1e-4)
 
 
 def test_reconstruct_equals_encode_then_decode(tmp_path, checkpoint):
