@@ -290,10 +290,7 @@ def reconstruct(
     with _errors():
         info = probe(_input_file(input))
         metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
-        for path in (output, compare_video, plot):
-            if path is not None:
-                check_output(path, force)
-        lpips_net = _lpips() if lpips else None
+        lpips_net = _prepare_outputs([output, compare_video, plot], force, lpips)
         loaded = _load(weights, model, device, dtype, quiet)
         options = EncodeOptions(start, frames, duration, sample, seed)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
@@ -338,10 +335,7 @@ def compare(
     with _errors():
         info = probe(_input_file(reference))
         probe(_input_file(other))
-        for path in (compare_video, plot):
-            if path is not None:
-                check_output(path, force)
-        lpips_net = _lpips() if lpips else None
+        lpips_net = _prepare_outputs([compare_video, plot], force, lpips)
         total = min(info.frames, frames) if info.frames and frames else info.frames or frames
         with _progress("compare", total, quiet) as progress, _maybe_atomic(compare_video, force) as side:
             metrics, counts = compare_videos(
@@ -361,6 +355,14 @@ def _maybe_atomic(path: Path | None, force: bool) -> Iterator[Path | None]:
         return
     with atomic_output(path, force) as tmp:
         yield tmp
+
+
+def _prepare_outputs(paths: list[Path | None], force: bool, lpips: bool):
+    """Check every output before any work, and load LPIPS if asked (it may refuse)."""
+    for path in paths:
+        if path is not None:
+            check_output(path, force)
+    return _lpips() if lpips else None
 
 
 def _lpips():

@@ -120,27 +120,29 @@ class Metrics:
             row["lpips"] = value
         return rows
 
-    def positions(self) -> dict[str, dict]:
-        """Mean PSNR and SSIM of the first frame and of each position in a group."""
+    @staticmethod
+    def positions(rows: list[dict]) -> dict[str, dict]:
+        """Mean PSNR and SSIM of the first frame and of each position in a group, from ``per_frame()``."""
         out = {}
         for position in ("first", "0", "1", "2", "3"):
-            rows = [r for r in self.per_frame() if r["position"] == position]
-            if rows:
+            mine = [r for r in rows if r["position"] == position]
+            if mine:
                 out[position] = {
-                    "frames": len(rows),
-                    "psnr_db": _mean([r["psnr_db"] for r in rows]),
-                    "ssim": _mean([r["ssim"] for r in rows]),
+                    "frames": len(mine),
+                    "psnr_db": _mean([r["psnr_db"] for r in mine]),
+                    "ssim": _mean([r["ssim"] for r in mine]),
                 }
         return out
 
     def summary(self, worst: int = 5) -> dict:
-        positions = self.positions()
+        rows = self.per_frame()
+        positions = self.positions(rows)
         in_groups = [positions[p] for p in "0123" if p in positions]
         spread = {
             key: (max(v[key] for v in in_groups) - min(v[key] for v in in_groups)) if len(in_groups) > 1 else math.nan
             for key in ("psnr_db", "ssim")
         }
-        worst_frames = sorted(self.per_frame(), key=lambda r: r["psnr_db"])[:worst]
+        worst_frames = sorted(rows, key=lambda r: r["psnr_db"])[:worst]
         return {
             "frames": len(self.psnr),
             "psnr_db": _mean(self.psnr),

@@ -156,8 +156,8 @@ class _Source:
         self.path, self.loaded, self.options, self.memory = path, loaded, options, memory
         self.info = probe(path)
         self.limit = _frame_limit(self.info, options)
-        padded = VideoSize(1, self.info.height, self.info.width).padded()
-        self.tiling = memory.tiling(loaded, padded.height, padded.width, "encode", share)
+        self.padded = VideoSize(1, self.info.height, self.info.width).padded()  # frame size the model runs at
+        self.tiling = memory.tiling(loaded, self.padded.height, self.padded.width, "encode", share)
         device = next(loaded.model.parameters()).device
         self.seed = options.seed if options.seed is not None else secrets.randbits(31)
         generator = torch.Generator(device=device).manual_seed(self.seed) if options.sample else None
@@ -403,8 +403,7 @@ def reconstruct_video(
     """
     memory = memory or MemoryOptions()
     src = _Source(source, loaded, options, memory, share=0.5)  # encoder and decoder run side by side
-    padded = VideoSize(1, src.info.height, src.info.width).padded()
-    tiling = memory.tiling(loaded, padded.height, padded.width, "decode", share=0.5)
+    tiling = memory.tiling(loaded, src.padded.height, src.padded.width, "decode", share=0.5)
     decoder = StreamDecoder(loaded.model, groups_per_step=memory.groups_per_step, tiling=tiling)
     metrics = Metrics(lpips_net=lpips) if measure else None
     waiting: deque[np.ndarray] = deque()  # source frames (integers) awaiting their reconstruction

@@ -110,14 +110,21 @@ def _resize(frames: torch.Tensor, short_side: int) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def reconstruct_clip(model: IVVAE, clip: torch.Tensor, generator: torch.Generator | None):
-    """Encode and decode a clip ``(B, T, 3, H, W)`` with gradients; returns (frames, mu, logvar).
-    With ``generator`` the latent is a posterior sample, else the mean."""
+def encode_clip(model: IVVAE, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior ``(mu, logvar)`` of a whole clip ``(B, T, 3, H, W)``, in two steps: the first
+    frame, then all its groups at once."""
     cache = CausalCache()
     steps = [model.encode_step(clip[:, :1], cache)]
     if clip.shape[1] > 1:
         steps.append(model.encode_step(clip[:, 1:], cache))
     mu, logvar = (torch.cat(parts, dim=1) for parts in zip(*steps, strict=True))
+    return mu, logvar
+
+
+def reconstruct_clip(model: IVVAE, clip: torch.Tensor, generator: torch.Generator | None):
+    """Encode and decode a clip ``(B, T, 3, H, W)`` with gradients; returns (frames, mu, logvar).
+    With ``generator`` the latent is a posterior sample, else the mean."""
+    mu, logvar = encode_clip(model, clip)
     z = mu
     if generator is not None:
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device)
@@ -243,10 +250,6 @@ class Trainer:
         rng = np.random.default_rng(999)
         with torch.no_grad():
             clip = self.bank.sample(rng, 4, self.frames, self.config.crop).to(self.device)
-            cache = CausalCache()
-            mu = [self.model.encode_step(clip[:, :1], cache)[0]]
-            if clip.shape[1] > 1:
-                mu.append(self.model.encode_step(clip[:, 1:], cache)[0])
-            values = torch.cat(mu, dim=1).float()
+            values = encode_clip(self.model, clip)[0].float()
         std = values.std().item()
         return (1 / std if std > 0 and math.isfinite(std) else 1.0), values.mean().item()
