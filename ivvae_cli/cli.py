@@ -37,7 +37,21 @@ from ivvae_cli.pipeline import (
     select_device,
 )
 from ivvae_cli.video import probe
-from ivvae_cli.weights import LoadedModel, find_weights, load_model
+from ivvae_cli.weights import (
+    BUNDLED,
+    BUNDLED_NAME,
+    PUBLISHED,
+    CheckpointReport,
+    LoadedModel,
+    cache_folder,
+    canonical_name,
+    convert_checkpoint,
+    find_weights,
+    load_model,
+    locate,
+    search_order,
+    verify_checkpoint,
+)
 
 app = typer.Typer(
     name="ivvae",
@@ -53,7 +67,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="Model name, e.g. z16_dim64, found in the weights folders.")
 ]
-WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Checkpoint file (.pth or .safetensors).")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", "-w", help="Checkpoint file (.pth or .safetensors) or model name.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 GroupsOpt = Annotated[int, typer.Option(min=1, help="Frame groups (4 frames each) per model step.")]
@@ -71,6 +87,9 @@ JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write a JSON repor
 StartOpt = Annotated[float, typer.Option(min=0, help="Start this many seconds into the video.")]
 FramesOpt = Annotated[int | None, typer.Option("--frames", min=1, help="Encode at most this many frames.")]
 DurationOpt = Annotated[float | None, typer.Option(min=0, help="Encode at most this many seconds.")]
+ShortSideOpt = Annotated[
+    int | None, typer.Option("--short-side", min=8, help="Resize first so the short side is this many pixels.")
+]
 SampleOpt = Annotated[bool, typer.Option("--sample/--mean", help="Sample the posterior instead of its mean.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for --sample.")]
 CodecOpt = Annotated[
@@ -126,7 +145,8 @@ def _load(weights: Path | None, model: str | None, device: str, dtype: str, quie
     target = select_device(device)
     loaded = load_model(find_weights(weights, model), device=target, dtype=DTYPES[dtype])
     if not quiet:
-        stderr.print(f"model {loaded.name} ({loaded.path}) on {target}, {dtype}", highlight=False)
+        where = "the bundled small model" if loaded.path == BUNDLED else loaded.path
+        stderr.print(f"model {loaded.name} ({where}) on {target}, {dtype}", highlight=False)
     return loaded
 
 
@@ -179,6 +199,7 @@ def encode(
     start: StartOpt = 0.0,
     frames: FramesOpt = None,
     duration: DurationOpt = None,
+    short_side: ShortSideOpt = None,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
     max_memory: MemoryOpt = None,
@@ -194,7 +215,7 @@ def encode(
         info = probe(_input_file(input))
         check_output(output, force)
         loaded = _load(weights, model, device, dtype, quiet)
-        options = EncodeOptions(start, frames, duration, sample, seed)
+        options = EncodeOptions(start, frames, duration, sample, seed, short_side)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         with _progress("encode", expected_frames(info, options), quiet) as progress:
             data = encode_video(input, loaded, options, memory, progress)
@@ -273,6 +294,7 @@ def reconstruct(
     start: StartOpt = 0.0,
     frames: FramesOpt = None,
     duration: DurationOpt = None,
+    short_side: ShortSideOpt = None,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
     codec: CodecOpt = None,
@@ -292,7 +314,7 @@ def reconstruct(
         metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
         lpips_net = _prepare_outputs([output, compare_video, plot], force, lpips)
         loaded = _load(weights, model, device, dtype, quiet)
-        options = EncodeOptions(start, frames, duration, sample, seed)
+        options = EncodeOptions(start, frames, duration, sample, seed, short_side)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         write = WriteOptions(codec, crf, lossless)
         with (
@@ -544,6 +566,130 @@ def train(
             record = trainer.run(show)
         if not quiet:
             stderr.print(f"step {trainer.step}: {record}; weights in {out / 'model.safetensors'}", highlight=False)
+
+
+weights_app = typer.Typer(help="Find, download, verify and convert IV-VAE checkpoints.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+def _checkpoint_record(report: CheckpointReport) -> dict[str, Any]:
+    record = {k: v for k, v in vars(report).items()}
+    return record | {"path": str(report.path), "status": "ok"}
+
+
+def _print_checkpoint(record: dict[str, Any]) -> None:
+    stderr.print(
+        f"{record['path']}: ok, {record['name']} (z{record['z_dim']} dim{record['dim']}, "
+        f"{record['params'] / 1e6:.1f}M {record['dtype']} parameters, fingerprint {record['fingerprint']})",
+        highlight=False,
+    )
+
+
+@weights_app.command("list")
+def weights_list(
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Verify each file found (reads it).")] = True,
+    json_path: JsonOpt = None,
+) -> None:
+    """The known models, where each is found (search order below) and whether it is intact."""
+    with _errors():
+        rows = []
+        for name in [*PUBLISHED, BUNDLED_NAME]:
+            path = locate(name)
+            row: dict[str, Any] = {"name": name, "path": str(path) if path else None, "bytes": None, "status": "absent"}
+            if name in PUBLISHED:
+                row["approx_bytes"] = PUBLISHED[name].approx_bytes
+            if path is not None:
+                row["bytes"] = path.stat().st_size
+                row["status"] = "found"
+                if check:
+                    try:
+                        row |= _checkpoint_record(verify_checkpoint(path, PUBLISHED.get(name)))
+                    except IvvaeError as e:
+                        row["status"] = f"corrupt: {e}"
+            rows.append(row)
+        if json_path is None:
+            table = Table("model", "file", "size", "status")
+            for row in rows:
+                size = row["bytes"] or row.get("approx_bytes")
+                size_text = f"{size / 1e6:.0f} MB" if size else "-"
+                if row["bytes"] is None and size:
+                    size_text = f"~{size_text}"
+                table.add_row(row["name"], row["path"] or "-", size_text, row["status"])
+            Console().print(table)
+            Console().print(f"search order: {search_order()}", highlight=False)
+        _report({"models": rows, "search_order": search_order()}, json_path)
+
+
+@weights_app.command("download")
+def weights_download(
+    names: Annotated[list[str], typer.Argument(help="Published models, e.g. z16_dim64 (or 'all').")],
+    folder: Annotated[
+        Path | None, typer.Option("--dir", help="Where to put them (default: the user's cache folder).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Download again even if present.")] = False,
+    quiet: QuietOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Download published checkpoints from ModelScope: resumable, verified, then renamed into place."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    from ivvae_cli.download import download_variant
+
+    with _errors():
+        wanted = list(PUBLISHED) if names == ["all"] else [canonical_name(n) for n in names]
+        unknown = [n for n in wanted if n not in PUBLISHED]
+        if unknown:
+            raise IvvaeError(f"unknown model {unknown[0]}: published are {', '.join(PUBLISHED)}")
+        records = []
+        for name in wanted:
+            columns = [TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+            with Progress(*columns, console=stderr, disable=quiet) as bar:
+                task = bar.add_task(name, total=PUBLISHED[name].approx_bytes)
+                report = download_variant(
+                    PUBLISHED[name],
+                    folder or cache_folder(),
+                    force=force,
+                    progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
+                )
+            records.append(_checkpoint_record(report))
+            if not quiet:
+                _print_checkpoint(records[-1])
+        _report({"downloaded": records}, json_path)
+
+
+@weights_app.command("verify")
+def weights_verify(
+    weights: Annotated[Path, typer.Argument(help="A checkpoint file or model name.")],
+    json_path: JsonOpt = None,
+) -> None:
+    """Check a checkpoint by structure: every parameter name and shape, one float dtype, no NaN."""
+    with _errors():
+        path = find_weights(weights)
+        name = canonical_name(str(weights)) if path != weights else path.stem
+        record = _checkpoint_record(verify_checkpoint(path, PUBLISHED.get(name)))
+        if json_path is None:
+            _print_checkpoint(record)
+        _report(record, json_path)
+
+
+@weights_app.command("convert")
+def weights_convert(
+    source: Annotated[Path, typer.Argument(help="A .pth checkpoint (or a model name).")],
+    target: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    dtype: Annotated[str, typer.Option(help="float32 (bit-identical), bfloat16 or float16.")] = "float32",
+    force: ForceOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Convert a checkpoint to safetensors, with its variant, scale and shift as metadata."""
+    with _errors():
+        if dtype not in DTYPES:
+            raise IvvaeError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
+        if target.suffix != ".safetensors":
+            raise OutputError(f"{target} should end in .safetensors")
+        record = _checkpoint_record(convert_checkpoint(find_weights(source), target, DTYPES[dtype], force))
+        if json_path is None:
+            _print_checkpoint(record)
+        _report(record, json_path)
 
 
 def _version(value: bool) -> None:

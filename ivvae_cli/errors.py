@@ -29,3 +29,9 @@ class DeviceError(IvvaeError):
     """The device asked for is not available."""
 
     exit_code = 6
+
+
+class DownloadError(IvvaeError):
+    """A download that could not complete (what was fetched is kept to resume from)."""
+
+    exit_code = 7

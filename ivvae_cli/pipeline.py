@@ -11,7 +11,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from itertools import zip_longest
 from pathlib import Path
@@ -23,7 +23,7 @@ from ivvae_cli.errors import DeviceError, InputError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
 from ivvae_cli.metrics import Metrics, sizes
 from ivvae_cli.stream import GROUP, STRIDE, StreamDecoder, StreamEncoder, Tiling, VideoSize, plan_tiling
-from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames, unit_float
+from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames, resized, unit_float
 from ivvae_cli.weights import LoadedModel
 
 Progress = Callable[[int], None]
@@ -56,6 +56,7 @@ class EncodeOptions:
     duration: float | None = None
     sample: bool = False
     seed: int | None = None
+    short_side: int | None = None  # resize so the short side has this many pixels (as benchmarks do)
 
 
 @dataclass
@@ -154,7 +155,9 @@ class _Source:
         self, path: Path, loaded: LoadedModel, options: EncodeOptions, memory: MemoryOptions, share: float = 1.0
     ):
         self.path, self.loaded, self.options, self.memory = path, loaded, options, memory
-        self.info = probe(path)
+        info = probe(path)
+        width, height = resized(info.width, info.height, options.short_side)
+        self.info = replace(info, width=width, height=height)  # what the model sees
         self.limit = _frame_limit(self.info, options)
         self.padded = VideoSize(1, self.info.height, self.info.width).padded()  # frame size the model runs at
         self.tiling = memory.tiling(loaded, self.padded.height, self.padded.width, "encode", share)
@@ -173,7 +176,9 @@ class _Source:
     def chunks(self):
         """Yield ``(frames, latent part)`` as frames are read and encoded."""
         chunk = GROUP * self.memory.groups_per_step
-        for frames, stamps in read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk):
+        size = (self.info.width, self.info.height)
+        reader = read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk, size=size)
+        for frames, stamps in reader:
             self.pts.extend(stamps)
             yield frames, self.stream.push(_to_model(frames))
         yield None, self.stream.finish()

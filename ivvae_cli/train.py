@@ -28,7 +28,7 @@ from ivvae_cli.layers import CausalCache
 from ivvae_cli.metrics import ssim_torch
 from ivvae_cli.model import IVVAE
 from ivvae_cli.video import read_frames, unit_float
-from ivvae_cli.weights import read_checkpoint
+from ivvae_cli.weights import check_fit, read_checkpoint
 
 
 @dataclass
@@ -170,8 +170,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, folder: Path, device: torch.device):
         self.config, self.folder, self.device = config, folder, device
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.model = IVVAE(config.z_dim, config.dim).to(device)
@@ -184,11 +182,15 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
         elif config.init:
-            self.model.load_state_dict(read_checkpoint(config.init)[0])
+            init = read_checkpoint(config.init)[0]
+            check_fit(self.model, init, config.init)
+            self.model.load_state_dict(init)
         frames = 1 if config.phase == "image" else config.clip_frames
         self.frames = frames
         self.bank = FrameBank(config.videos, config.short_side, config.max_video_frames, frames)
         self.eval_clips = self._eval_clips()
+        folder.mkdir(parents=True, exist_ok=True)  # only once everything above has worked
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     def _eval_clips(self) -> list[torch.Tensor]:
         if not self.config.eval_videos:

@@ -14,6 +14,7 @@ Policies (documented in README.md):
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -117,13 +118,15 @@ class _RGBConverter:
     """Frames to upright RGB (uint8, or uint16 for deep sources) through libavfilter's format
     conversion, the one the ffmpeg command uses, so declared matrix and range are honoured alike."""
 
-    def __init__(self, stream: av.video.stream.VideoStream, deep: bool):
+    def __init__(self, stream: av.video.stream.VideoStream, deep: bool, size: tuple[int, int] | None = None):
         self.deep = deep
         self.graph = av.filter.Graph()
-        source = self.graph.add_buffer(template=stream)
-        convert = self.graph.add("format", "rgb48le" if deep else "rgb24")
-        source.link_to(convert)
-        convert.link_to(self.graph.add("buffersink"))
+        chain = [self.graph.add_buffer(template=stream)]
+        if size is not None:  # (width, height) before rotation
+            chain.append(self.graph.add("scale", f"w={size[0]}:h={size[1]}:flags=bicubic+accurate_rnd+full_chroma_int"))
+        chain += [self.graph.add("format", "rgb48le" if deep else "rgb24"), self.graph.add("buffersink")]
+        for a, b in itertools.pairwise(chain):
+            a.link_to(b)
         self.graph.configure()
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
@@ -138,18 +141,36 @@ def unit_float(frames: np.ndarray) -> np.ndarray:
     return frames.astype(np.float32) / np.float32(np.iinfo(frames.dtype).max)
 
 
+def resized(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """``(width, height)`` scaled so the short side is ``short_side`` (aspect kept, long side rounded)."""
+    if not short_side or min(width, height) == short_side:
+        return width, height
+    scale = short_side / min(width, height)
+    return (short_side, round(height * scale)) if width <= height else (round(width * scale), short_side)
+
+
 def read_frames(
-    path: str | Path, *, start: float = 0.0, max_frames: int | None = None, chunk: int = 8
+    path: str | Path,
+    *,
+    start: float = 0.0,
+    max_frames: int | None = None,
+    chunk: int = 8,
+    size: tuple[int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, list[int]]]:
     """Yield ``(frames, pts)``: RGB ``(t, H, W, 3)``, uint8 (uint16 for sources deeper than 8 bits;
     ``unit_float`` converts), and each frame's timestamp in the stream's time base, ``chunk``
-    frames at a time, from ``start`` seconds on."""
+    frames at a time, from ``start`` seconds on; resized (bicubic) to ``size`` (width, height as
+    displayed) if given."""
     path = Path(path)
     info = probe(path)
+    if size == (info.width, info.height):
+        size = None
+    elif size is not None and info.rotation in (90, 270):
+        size = size[::-1]
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        to_rgb = _RGBConverter(stream, deep=info.bit_depth > 8)
+        to_rgb = _RGBConverter(stream, deep=info.bit_depth > 8, size=size)
         # Streams without timestamps (raw H.264, say) get them from the frame rate, counting from
         # the first frame; those are read from the start, never sought.
         seekable = start > 0 and stream.start_time is not None

@@ -1,4 +1,5 @@
-"""IV-VAE checkpoints: the published variants, reading state dicts safely, building the model.
+"""IV-VAE checkpoints: the variants, where their files are, reading them safely, checking and
+converting them, building the model.
 
 A checkpoint is data, never code: ``.pth`` files go through ``torch.load(weights_only=True)``.
 """
@@ -13,40 +14,81 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from ivvae_cli.errors import WeightsError
 from ivvae_cli.model import IVVAE
+from ivvae_cli.outputs import atomic_output
 
-__all__ = ["PUBLISHED", "LoadedModel", "Variant", "WeightsError", "load_model", "published_variant"]
+__all__ = [
+    "BUNDLED",
+    "PUBLISHED",
+    "LoadedModel",
+    "Variant",
+    "WeightsError",
+    "convert_checkpoint",
+    "find_weights",
+    "load_model",
+    "published_variant",
+    "verify_checkpoint",
+]
+
+MODELSCOPE_REPO = "wpy1999/iv-vae"
+MODELSCOPE = f"https://modelscope.cn/models/{MODELSCOPE_REPO}"
+WEIGHTS_ENV = "IVVAE_WEIGHTS"
+MIRROR_ENV = "IVVAE_MIRROR"  # a base URL that serves ModelScope's layout, e.g. an internal mirror
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A published IV-VAE checkpoint."""
+    """An IV-VAE checkpoint this tool knows by name."""
 
     name: str
     z_dim: int
     dim: int
     scale_factor: float
     shift_factor: float
+    params: int
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.pth"
+
+    @property
+    def approx_bytes(self) -> int:
+        """float32 values; the .pth container adds well under 1%."""
+        return self.params * 4
+
+    def urls(self) -> list[str]:
+        """Public file URLs on ModelScope, or on ``$IVVAE_MIRROR`` when set (same layout)."""
+        mirror = os.environ.get(MIRROR_ENV)
+        bases = [mirror.rstrip("/")] if mirror else ["https://modelscope.cn", "https://www.modelscope.cn"]
+        return [f"{base}/models/{MODELSCOPE_REPO}/resolve/master/{self.file}" for base in bases]
 
 
 PUBLISHED = {
     v.name: v
     for v in (
-        Variant("ivvae_z4_dim64", 4, 64, 1.3196, 0.1250),
-        Variant("ivvae_z8_dim64", 8, 64, 1.0940, -0.0322),
-        Variant("ivvae_z16_dim64", 16, 64, 0.9697, -0.1553),
-        Variant("ivvae_z16_dim96", 16, 96, 0.7619, -0.0483),
+        Variant("ivvae_z16_dim64", 16, 64, 0.9697, -0.1553, 107_798_550),
+        Variant("ivvae_z16_dim96", 16, 96, 0.7619, -0.0483, 241_854_742),
+        Variant("ivvae_z8_dim64", 8, 64, 1.0940, -0.0322, 107_379_150),
+        Variant("ivvae_z4_dim64", 4, 64, 1.3196, 0.1250, 107_170_842),
     )
-}
+}  # in order of preference when no model is named
+
+BUNDLED = Path(__file__).parent / "bundled" / "ivvae_z16_dim8.safetensors"
+BUNDLED_NAME = "ivvae_z16_dim8"
 
 
 def published_variant(z_dim: int, dim: int) -> Variant | None:
     """The published variant with this architecture, if any."""
     return next((v for v in PUBLISHED.values() if (v.z_dim, v.dim) == (z_dim, dim)), None)
+
+
+def canonical_name(name: str) -> str:
+    """``z16_dim64`` and ``ivvae_z16_dim64`` both name ``ivvae_z16_dim64``."""
+    return name if name.startswith("ivvae_") else f"ivvae_{name}"
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -118,6 +160,89 @@ def fingerprint(state: dict[str, Tensor]) -> str:
 
 
 @dataclass
+class CheckpointReport:
+    """What verification found in a checkpoint file."""
+
+    path: Path
+    name: str
+    z_dim: int
+    dim: int
+    params: int
+    dtype: str
+    scale_factor: float
+    shift_factor: float
+    fingerprint: str
+    file_bytes: int
+
+
+def _factors(z_dim: int, dim: int, metadata: dict[str, str]) -> tuple[str, float, float]:
+    variant = published_variant(z_dim, dim)
+    name = metadata.get("variant") or (variant.name if variant else f"ivvae_z{z_dim}_dim{dim}")
+    scale = float(metadata.get("scale_factor", variant.scale_factor if variant else 1.0))
+    shift = float(metadata.get("shift_factor", variant.shift_factor if variant else 0.0))
+    return name, scale, shift
+
+
+def verify_state(
+    state: dict[str, Tensor], metadata: dict[str, str], path: Path, expect: Variant | None = None
+) -> CheckpointReport:
+    """Check a state dict by structure: every name and shape of its architecture (of ``expect`` when
+    given), one floating dtype (float32 for a published .pth), and finite values."""
+    source = str(path)
+    z_dim, dim = architecture(state, source)
+    if expect is not None and (z_dim, dim) != (expect.z_dim, expect.dim):
+        raise WeightsError(f"{source} is IV-VAE z{z_dim}_dim{dim}, not {expect.name}")
+    with torch.device("meta"):
+        reference = IVVAE(z_dim, dim)
+    check_fit(reference, state, source)
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise WeightsError(f"{source} mixes or has non-float dtypes: {sorted(str(d) for d in dtypes)}")
+    dtype = next(iter(dtypes))
+    if expect is not None and path.suffix != ".safetensors" and dtype != torch.float32:
+        raise WeightsError(f"{source} is {dtype}; the published {expect.name} is float32")
+    broken = [k for k, t in state.items() if not torch.isfinite(t).all()]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise WeightsError(f"{source} has NaN or infinite values in {', '.join(broken[:3])}{more}")
+    name, scale, shift = _factors(z_dim, dim, metadata)
+    params = sum(t.numel() for t in state.values())
+    return CheckpointReport(
+        path, name, z_dim, dim, params, str(dtype).removeprefix("torch."), scale, shift, fingerprint(state),
+        path.stat().st_size,
+    )  # fmt: skip
+
+
+def verify_checkpoint(path: str | Path, expect: Variant | None = None) -> CheckpointReport:
+    """Read a checkpoint safely and check it by structure (see ``verify_state``)."""
+    path = Path(path)
+    state, metadata = read_checkpoint(path)
+    return verify_state(state, metadata, path, expect)
+
+
+def convert_checkpoint(source: str | Path, target: Path, dtype: torch.dtype = torch.float32, force: bool = False):
+    """Write a verified checkpoint as safetensors in ``dtype``, with its variant, scale and shift as
+    metadata, atomically. In float32 the values, and so the outputs, are bit-identical."""
+    source = Path(source)
+    state, metadata = read_checkpoint(source)
+    report = verify_state(state, metadata, source)
+    converted = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    metadata = {
+        "format": "pt",
+        "variant": report.name,
+        "z_dim": str(report.z_dim),
+        "dim": str(report.dim),
+        "scale_factor": repr(report.scale_factor),
+        "shift_factor": repr(report.shift_factor),
+        "converted_from": source.name,
+        "source_fingerprint": report.fingerprint,
+    }
+    with atomic_output(target, force) as tmp:
+        save_file(converted, str(tmp), metadata=metadata)
+    return verify_checkpoint(target)
+
+
+@dataclass
 class LoadedModel:
     """A model with what is known of its weights."""
 
@@ -143,52 +268,65 @@ def load_model(
     path = Path(path)
     state, metadata = read_checkpoint(path)
     z_dim, dim = architecture(state, str(path))
-    variant = published_variant(z_dim, dim)
-    name = metadata.get("variant") or (variant.name if variant else f"ivvae_z{z_dim}_dim{dim}")
-    if scale_factor is None:
-        scale_factor = float(metadata.get("scale_factor", variant.scale_factor if variant else 1.0))
-    if shift_factor is None:
-        shift_factor = float(metadata.get("shift_factor", variant.shift_factor if variant else 0.0))
+    name, scale, shift = _factors(z_dim, dim, metadata)
+    scale = scale if scale_factor is None else scale_factor
+    shift = shift if shift_factor is None else shift_factor
     with torch.device("meta"):
-        model = IVVAE(z_dim, dim, scale_factor, shift_factor)
+        model = IVVAE(z_dim, dim, scale, shift)
     check_fit(model, state, str(path))
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(model, name, fingerprint(state), path)
 
 
-MODELSCOPE = "https://modelscope.cn/models/wpy1999/iv-vae"
-WEIGHTS_ENV = "IVVAE_WEIGHTS"
-
-
 def search_folders() -> list[Path]:
     """Where named models are looked for, in order: $IVVAE_WEIGHTS, ./weights, the user's cache."""
     folders = [Path(os.environ[WEIGHTS_ENV])] if os.environ.get(WEIGHTS_ENV) else []
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ivvae"
-    return [*folders, Path("weights"), cache]
+    return [*folders, Path("weights"), cache_folder()]
 
 
-def canonical_name(name: str) -> str:
-    """``z16_dim64`` and ``ivvae_z16_dim64`` both name ``ivvae_z16_dim64``."""
-    return name if name.startswith("ivvae_") else f"ivvae_{name}"
+def cache_folder() -> Path:
+    """The user's cache folder for checkpoints; downloads go here by default."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ivvae"
 
 
-def find_weights(weights: Path | None = None, model: str | None = None) -> Path:
-    """The checkpoint to use: ``weights`` if given, else the named (or any published) model found
-    in ``search_folders()``."""
-    if weights is not None:
-        if not weights.is_file():
-            raise WeightsError(f"weights file not found: {weights}")
-        return weights
-    names = [canonical_name(model)] if model else list(PUBLISHED)
-    folders = search_folders()
-    for name in names:
-        for folder in folders:
-            for suffix in (".safetensors", ".pth"):
-                if (folder / f"{name}{suffix}").is_file():
-                    return folder / f"{name}{suffix}"
-    wanted = names[0] if model else "any of " + ", ".join(names)
-    raise WeightsError(
-        f"no weights for {wanted}: looked in {', '.join(str(f) for f in folders)}; download "
-        f"{names[0]}.pth from {MODELSCOPE} into one of them, or pass --weights FILE"
-    )
+def locate(name: str) -> Path | None:
+    """The first file for a model name in the search order: the folders, then the bundled model."""
+    name = canonical_name(name)
+    for folder in search_folders():
+        for suffix in (".safetensors", ".pth"):
+            if (folder / f"{name}{suffix}").is_file():
+                return (folder / f"{name}{suffix}").absolute()
+    return BUNDLED if name == BUNDLED_NAME and BUNDLED.is_file() else None
+
+
+def search_order() -> str:
+    """The search order in words, for error messages."""
+    folders = ", ".join(str(f) if f.is_absolute() else f"./{f}" for f in search_folders())
+    return f"--weights FILE, then {folders}, then the bundled {BUNDLED_NAME}"
+
+
+def find_weights(weights: str | Path | None = None, model: str | None = None) -> Path:
+    """The checkpoint to use: ``weights`` (a file, or a model name), else the named model, else the
+    first published model found, else the bundled one."""
+    for spec in (weights, model):
+        if spec is None:
+            continue
+        if Path(spec).is_file():
+            return Path(spec)
+        if Path(spec).suffix in (".pth", ".pt", ".safetensors") or os.sep in str(spec):
+            raise WeightsError(f"weights file not found: {spec}")
+        found = locate(str(spec))
+        if found is None:
+            name = canonical_name(str(spec))
+            hint = f"`ivvae weights download {name}`" if name in PUBLISHED else f"put {name}.safetensors"
+            raise WeightsError(f"no weights for {name}: searched {search_order()}; {hint} or pass --weights FILE")
+        return found
+    for name in PUBLISHED:
+        found = locate(name)
+        if found is not None:
+            return found
+    found = locate(BUNDLED_NAME)
+    if found is None:
+        raise WeightsError(f"no weights found: searched {search_order()}; try `ivvae weights download z16_dim64`")
+    return found

@@ -272,7 +272,7 @@ def _newer_version(latent: Path, target: Path) -> None:
         ("no frames", 3, "no video frames after 60 s"),
         ("output exists", 4, "output exists"),
         ("no output folder", 4, "output folder does not exist"),
-        ("missing weights", 5, "looked in"),
+        ("missing weights", 5, "searched --weights FILE, then"),
         ("no cuda", 6, "no CUDA device"),
     ],
 )

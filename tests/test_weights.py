@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from ivvae_cli.weights import PUBLISHED, WeightsError, load_model, published_variant
+from ivvae_cli.errors import OutputError
+from ivvae_cli.weights import (
+    BUNDLED,
+    PUBLISHED,
+    WeightsError,
+    convert_checkpoint,
+    find_weights,
+    load_model,
+    published_variant,
+    verify_checkpoint,
+)
 
 from .conftest import random_model
 
@@ -88,10 +100,117 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+def evil_pickle(marker: Path, legacy: bool = False) -> bytes:
+    """A .pth that runs ``touch marker`` when unpickled carelessly: torch's zip format, or a bare pickle."""
+    state = {"encoder.conv1.conv_2d.weight": _Payload(str(marker))}
+    if legacy:
+        return pickle.dumps(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, legacy):
     marker = tmp_path / "pwned"
-    with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"encoder.conv1.conv_2d.weight": _Payload(str(marker))}, f)
+    (tmp_path / "evil.pth").write_bytes(evil_pickle(marker, legacy))
     with pytest.raises(WeightsError, match="refusing"):
         load_model(tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_every_command_that_takes_weights_refuses_a_malicious_pickle(tmp_path, checkpoint):
+    from .media import make_clip
+    from .test_cli import ivvae
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(evil_pickle(marker))
+    clip = tmp_path / "in.mp4"
+    make_clip(clip, frames=2, width=16, height=16)
+    assert ivvae("encode", clip, tmp_path / "ok.latent", "-w", checkpoint, "-q")[0] == 0
+    commands = [
+        ("encode", clip, tmp_path / "a.latent", "-w", evil),
+        ("decode", tmp_path / "ok.latent", tmp_path / "a.mp4", "-w", evil),
+        ("reconstruct", clip, tmp_path / "b.mp4", "-w", evil, "--metrics"),
+        ("train", clip, "--out", tmp_path / "run", "--init", evil, "--steps", "1", "--crop", "16"),
+        ("weights", "verify", evil),
+        ("weights", "convert", evil, tmp_path / "c.safetensors"),
+    ]
+    for command in commands:
+        code, _, err = ivvae(*command, "-q") if command[0] in ("encode", "decode", "reconstruct") else ivvae(*command)
+        assert code == 5 and "refusing" in err and "could run code" in err, (command, err)
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pth", "in.mp4", "ok.latent"]
+
+
+def test_converted_checkpoint_gives_bit_identical_outputs(tmp_path, model):
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    report = convert_checkpoint(tmp_path / "m.pth", tmp_path / "m.safetensors")
+    assert report.dtype == "float32" and report.name == "ivvae_z4_dim8"
+    pth, converted = load_model(tmp_path / "m.pth"), load_model(tmp_path / "m.safetensors")
+    assert pth.fingerprint == converted.fingerprint
+    video = torch.rand(1, 3, 9, 24, 32) * 2 - 1
+    with torch.no_grad():
+        latent = pth.model.encode(video)
+        assert torch.equal(converted.model.encode(video), latent)
+        assert torch.equal(converted.model.decode(latent), pth.model.decode(latent))
+    with pytest.raises(OutputError, match="exists"):
+        convert_checkpoint(tmp_path / "m.pth", tmp_path / "m.safetensors")
+
+
+def test_converted_published_variant_keeps_its_name_scale_and_shift(tmp_path):
+    torch.save(random_model(16, 8).state_dict(), tmp_path / "x.pth")
+    convert_checkpoint(tmp_path / "x.pth", tmp_path / "x.safetensors", torch.bfloat16)
+    report = verify_checkpoint(tmp_path / "x.safetensors")
+    assert (report.dtype, report.name, report.scale_factor, report.shift_factor) == (
+        "bfloat16",
+        "ivvae_z16_dim8",
+        1.0,
+        0.0,
+    )
+
+
+def test_verify_names_what_is_wrong(tmp_path, model):
+    state = model.state_dict()
+    broken = dict(state)
+    broken["decoder.head.2.conv_3d.bias"] = broken["decoder.head.2.conv_3d.bias"] * torch.inf
+    torch.save(broken, tmp_path / "inf.pth")
+    with pytest.raises(WeightsError, match=r"NaN or infinite values in decoder\.head\.2\.conv_3d\.bias"):
+        verify_checkpoint(tmp_path / "inf.pth")
+    mixed = dict(state)
+    mixed["encoder.conv1.conv_2d.bias"] = mixed["encoder.conv1.conv_2d.bias"].half()
+    torch.save(mixed, tmp_path / "mixed.pth")
+    with pytest.raises(WeightsError, match="mixes"):
+        verify_checkpoint(tmp_path / "mixed.pth")
+    torch.save(state, tmp_path / "ok.pth")
+    with pytest.raises(WeightsError, match="is IV-VAE z4_dim8, not ivvae_z16_dim64"):
+        verify_checkpoint(tmp_path / "ok.pth", expect=PUBLISHED["ivvae_z16_dim64"])
+
+
+def test_search_order(tmp_path, monkeypatch, model):
+    """--weights, then $IVVAE_WEIGHTS, ./weights, the user's cache, the bundled model."""
+    env, local, cache = tmp_path / "env", tmp_path / "work" / "weights", tmp_path / "cache" / "ivvae"
+    for folder in (env, local, cache):
+        folder.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("IVVAE_WEIGHTS", str(env))
+    assert find_weights() == BUNDLED  # nothing published anywhere
+    with pytest.raises(WeightsError, match=r"no weights for ivvae_z16_dim64: searched --weights FILE, then .*env"):
+        find_weights(model="z16_dim64")
+    torch.save(model.state_dict(), cache / "ivvae_z4_dim64.pth")
+    assert find_weights() == cache / "ivvae_z4_dim64.pth"
+    torch.save(model.state_dict(), local / "ivvae_z4_dim64.pth")
+    assert find_weights(model="z4_dim64") == local / "ivvae_z4_dim64.pth"
+    torch.save(model.state_dict(), env / "ivvae_z4_dim64.pth")
+    assert find_weights(model="ivvae_z4_dim64") == env / "ivvae_z4_dim64.pth"
+    torch.save(model.state_dict(), cache / "ivvae_z8_dim64.pth")
+    assert find_weights() == cache / "ivvae_z8_dim64.pth"  # with no name, the preferred variant comes first
+    torch.save(model.state_dict(), cache / "ivvae_z16_dim64.pth")
+    assert find_weights() == cache / "ivvae_z16_dim64.pth"
+    assert find_weights(env / "ivvae_z4_dim64.pth", model="z16_dim64") == env / "ivvae_z4_dim64.pth"
+    assert find_weights("z8_dim64", model="z4_dim64") == cache / "ivvae_z8_dim64.pth"  # --weights takes a name too
+    assert find_weights(model="z16_dim8") == BUNDLED
+    with pytest.raises(WeightsError, match="weights file not found"):
+        find_weights(tmp_path / "absent.pth")

