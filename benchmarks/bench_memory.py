@@ -6,8 +6,8 @@ agreement of tiled with untiled output.
 
 Each run is `FRAMESxWIDTHxHEIGHT[:MAX_MEMORY]` on a synthetic lossless clip, in a fresh process
 whose peak RSS is reported. Without --weights a random z16_dim8 checkpoint is made. --agreement
-reconstructs a real clip untiled and with the default tiling of a small budget, and reports the PSNR
-between the two outputs (meaningful only with trained weights).
+reconstructs real clips untiled and with each of --agreement-tiles (default overlap, a quarter), and
+reports the PSNR between tiled and untiled output (meaningful only with trained weights).
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path)
     parser.add_argument("--runs", nargs="*", default=["17x256x256", "65x256x256", "257x256x256"])
-    parser.add_argument("--agreement", type=Path, help="a real clip for the tiled/untiled PSNR")
+    parser.add_argument("--agreement", type=Path, nargs="*", default=[], help="real clips for tiled/untiled PSNR")
     parser.add_argument("--agreement-frames", type=int, default=17)
-    parser.add_argument("--agreement-budget", default="1GB")
+    parser.add_argument("--agreement-tiles", type=int, nargs="*", default=[16, 32, 64], help="latent pixels")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,16 +91,16 @@ def main() -> None:
                 "peak_rss_mib": round(out["peak_rss"] / 2**20), "seconds": round(out["seconds"], 1),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-        if args.agreement:
+        for clip in args.agreement:
             common = ["-w", str(weights), "-q", "--force", "--lossless", "--frames", str(args.agreement_frames)]
-            ivvae("reconstruct", str(args.agreement), str(folder / "untiled.mkv"), *common, "--max-memory", "20GB")
-            tiled = ivvae("reconstruct", str(args.agreement), str(folder / "tiled.mkv"), *common, "--json", "-",
-                          "--max-memory", args.agreement_budget)  # fmt: skip
-            print(json.dumps({
-                "clip": args.agreement.name, "budget": args.agreement_budget,
-                "tiling": tiled["report"]["decode_tiling"],
-                "psnr_tiled_vs_untiled_db": round(psnr_between(folder / "untiled.mkv", folder / "tiled.mkv"), 2),
-            }))  # fmt: skip
+            ivvae("reconstruct", str(clip), str(folder / "untiled.mkv"), *common, "--max-memory", "20GB")
+            for tile in args.agreement_tiles:
+                tiled = ivvae("reconstruct", str(clip), str(folder / "tiled.mkv"), *common, "--json", "-",
+                              "--tile-size", str(tile))  # fmt: skip
+                print(json.dumps({
+                    "clip": clip.name, "tiling": tiled["report"]["decode_tiling"],
+                    "psnr_tiled_vs_untiled_db": round(psnr_between(folder / "untiled.mkv", folder / "tiled.mkv"), 2),
+                }), flush=True)  # fmt: skip
         print("\n| frames | size | budget | encode tiling | decode tiling | peak RSS (MiB) | s |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:

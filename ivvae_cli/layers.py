@@ -29,9 +29,14 @@ class CausalCache:
         return self.step == 0
 
 
+def channels_last(x: Tensor) -> Tensor:
+    """Images with channels innermost: oneDNN's convolutions run about 20% faster on them."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def frame_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """Apply a 2D layer to every frame of a ``(B, T, C, H, W)`` tensor."""
-    return conv(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    return conv(channels_last(x.flatten(0, 1))).unflatten(0, x.shape[:2])
 
 
 class GroupCausalConv3d(nn.Conv3d):
@@ -42,8 +47,10 @@ class GroupCausalConv3d(nn.Conv3d):
     behind with zeros. Frames of a group therefore see each other symmetrically, and a stream needs
     only one cached frame per layer. Spatial padding is zero, as in the reference.
 
-    The 3D kernel is applied as one 2D convolution over the taps ``[previous, current, next]``
-    stacked on the channel axis: a free view of the weight, and no layout change of the input.
+    By linearity the kernel runs as a 2D convolution of every frame with each time tap
+    (``tap_weights``), and ``add_neighbours`` sums each frame's taps from the frames around it: no
+    stacked copies of the input, and the cache holds the last frame's projection onto the
+    previous-frame tap, which is all the next step needs of it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, frames_per_group: int):
@@ -52,30 +59,34 @@ class GroupCausalConv3d(nn.Conv3d):
             raise ValueError("GroupCausalConv3d supports kernel sizes 1 and 3")
         self.frames_per_group = frames_per_group
 
-    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        b, t, c, h, w = x.shape
-        k = self.kernel_size[0]
-        weight = self.weight.flatten(1, 2)  # (O, C*k, kh, kw): channel c*k + tap
-        if k == 1:
-            return F.conv2d(x.flatten(0, 1), weight, self.bias).unflatten(0, (b, t))
-        previous = x[:, :1] if cache is None or self not in cache.last_frames else cache.last_frames[self]
+    def tap_weights(self) -> Tensor:
+        """``(taps * O, C, kh, kw)``: the current frame's tap first, then the previous and the next."""
+        taps = self.weight.movedim(2, 0)
+        return (taps if len(taps) == 1 else taps[[1, 0, 2]]).flatten(0, 1)
+
+    def add_neighbours(self, taps: Tensor, cache: CausalCache | None = None) -> None:
+        """Add, in place into the current tap ``taps[:, :, :O]``, the previous frame's previous-tap
+        output and, inside a group, the next frame's next-tap output. ``taps``: ``(B, T, taps * O, H, W)``
+        for a chunk that starts at a group boundary."""
+        if self.kernel_size[0] == 1:
+            return
+        o, t, group = self.out_channels, taps.shape[1], self.frames_per_group
+        current, previous, following = taps[:, :, :o], taps[:, :, o : 2 * o], taps[:, :, 2 * o :]
+        first = previous[:, :1] if cache is None or self not in cache.last_frames else cache.last_frames[self]
         if cache is not None:
-            cache.last_frames[self] = x[:, -1:].clone()
-        taps = x.new_empty(b, t, c, 3, h, w)
-        taps[:, :, :, 1] = x
-        taps[:, :1, :, 0] = previous
-        taps[:, 1:, :, 0] = x[:, :-1]
-        taps[:, :-1, :, 2] = x[:, 1:]
-        taps[:, self.frames_per_group - 1 :: self.frames_per_group, :, 2] = 0  # group ends see zeros
-        taps[:, -1, :, 2] = 0
-        y = F.conv2d(taps.view(b * t, c * 3, h, w), weight, self.bias, padding=k // 2)
-        return y.unflatten(0, (b, t))
+            cache.last_frames[self] = previous[:, -1:].clone()
+        current[:, :1] += first
+        current[:, 1:] += previous[:, :-1]
+        for start in range(0, t, group):
+            end = min(start + group, t)
+            current[:, start : end - 1] += following[:, start + 1 : end]
 
 
 class KTCConv3d(nn.Module):
     """A KTC convolution: per-frame 2D conv (keyframe half) beside a GCConv (temporal half).
 
-    Both read every input channel; their outputs are concatenated, 2D half first.
+    Both read every input channel; their outputs are concatenated, 2D half first. Both halves and
+    every time tap run as one 2D convolution, whose first channels are then the output.
     """
 
     def __init__(self, in_channels: int, out_2d: int, out_3d: int, kernel_size: int, frames_per_group: int):
@@ -84,7 +95,13 @@ class KTCConv3d(nn.Module):
         self.conv_3d = GroupCausalConv3d(in_channels, out_3d, kernel_size, frames_per_group)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        return torch.cat([frame_conv(self.conv_2d, x), self.conv_3d(x, cache)], dim=2)
+        b, t = x.shape[:2]
+        weight = torch.cat([self.conv_2d.weight, self.conv_3d.tap_weights()])
+        out = self.conv_2d.out_channels + self.conv_3d.out_channels
+        bias = F.pad(torch.cat([self.conv_2d.bias, self.conv_3d.bias]), (0, len(weight) - out))
+        y = F.conv2d(channels_last(x.flatten(0, 1)), weight, bias, padding=self.conv_2d.padding).unflatten(0, (b, t))
+        self.conv_3d.add_neighbours(y[:, :, self.conv_2d.out_channels :], cache)
+        return y[:, :, :out]
 
 
 class FrameConv2d(nn.Module):
@@ -114,7 +131,7 @@ class SplitRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         halves = unit_norm(x.unflatten(2, (2, -1)), dim=3).flatten(2, 3)
-        return halves * self.scale * self.gamma.view(-1, 1, 1)
+        return halves.mul_(self.gamma.view(-1, 1, 1) * self.scale)  # in place: one pass over the frames
 
 
 class RMSNorm2d(nn.Module):
@@ -126,7 +143,7 @@ class RMSNorm2d(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return unit_norm(x, dim=1) * self.scale * self.gamma
+        return unit_norm(x, dim=1).mul_(self.gamma * self.scale)
 
 
 class FrameAttention(nn.Module):
@@ -254,7 +271,7 @@ class KTCUpsample(nn.Module):
             b, t, c, h, w = x_3d.shape
             x_2d = x_2d.repeat_interleave(2, dim=1)
             x_3d = F.conv2d(x_3d.flatten(0, 1), self.time_conv.weight.flatten(1, 2), self.time_conv.bias)
-            x_3d = x_3d.view(b, t * 2, c, h, w)  # output channels [frame 2j | frame 2j+1]
+            x_3d = x_3d.reshape(b, t * 2, c, h, w)  # output channels [frame 2j | frame 2j+1]
         return torch.cat([frame_conv(self.resample_2d, x_2d), frame_conv(self.resample_3d, x_3d)], dim=2)
 
 

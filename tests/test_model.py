@@ -50,6 +50,34 @@ def test_parity_with_reference(path):
         assert err <= TOLERANCE, f"{name}: max abs error {err:.2e}"
 
 
+def _golden(name: str) -> tuple[IVVAE, dict[str, torch.Tensor]]:
+    path = REFERENCE / f"{name}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    model = IVVAE(int(meta["z_dim"]), int(meta["dim"]), float(meta["scale_factor"]), float(meta["shift_factor"]))
+    model.load_state_dict({k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")})
+    return model.eval(), tensors
+
+
+@pytest.mark.parametrize(
+    ("dtype", "groups_per_step", "tolerance"),
+    [(torch.float32, 1, TOLERANCE), (torch.float32, 2, TOLERANCE), (torch.bfloat16, 1, 0.05), (torch.float16, 2, 5e-3)],
+)
+def test_every_option_gives_the_same_shapes_and_close_values(dtype, groups_per_step, tolerance):
+    """Reduced precision and chunking against the reference vectors (relative RMS error)."""
+    model, tensors = _golden("golden_z16_dim8_t9")
+    model = model.to(dtype)
+    with torch.inference_mode():
+        latent = model.encode(tensors["input"].to(dtype), groups_per_step=groups_per_step).float()
+        decoded = model.decode(tensors["latent"].to(dtype), groups_per_step=groups_per_step).float()
+    for name, ours in (("latent", latent), ("decoded", decoded)):
+        ref = tensors[name]
+        assert ours.shape == ref.shape and ours.isfinite().all(), name
+        error = ((ours - ref).norm() / ref.norm()).item()
+        assert error <= tolerance, f"{dtype} {name}: relative error {error:.2e}"
+
+
 VARIANTS = json.loads((REFERENCE / "official_variants.json").read_text())
 
 
