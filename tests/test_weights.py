@@ -110,7 +110,9 @@ def evil_pickle(marker: Path, legacy: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize(
+    "legacy", [False, pytest.param(True, marks=pytest.mark.filterwarnings("ignore:Detected pickle protocol"))]
+)
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, legacy):
     marker = tmp_path / "pwned"
     (tmp_path / "evil.pth").write_bytes(evil_pickle(marker, legacy))
