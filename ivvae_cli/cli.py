@@ -516,7 +516,10 @@ def train(
     batch: Annotated[int, typer.Option(min=1)] = 4,
     clip_frames: Annotated[int, typer.Option(min=1, help="Frames per clip, 1 + 4k.")] = 9,
     short_side: Annotated[int, typer.Option(min=0, help="Resize videos to this short side (0: as they are).")] = 256,
-    lr: Annotated[float, typer.Option()] = 3e-4,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
+    lr_final: Annotated[
+        float | None, typer.Option(help="Decay the rate along a cosine to this by the last step (default: constant).")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -548,7 +551,7 @@ def train(
             config = TrainConfig(
                 videos=files, eval_videos=evals, z_dim=z_dim, dim=dim, init=str(init) if init else None,
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
-                short_side=short_side, lr=lr, seed=seed,
+                short_side=short_side, lr=lr, lr_final=lr_final, seed=seed,
             )  # fmt: skip
         trainer = Trainer(config, out, select_device(device))
         if not quiet:

@@ -34,6 +34,12 @@ def channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def records_grad(x: Tensor) -> bool:
+    """Whether autograd records ops on ``x``: training avoids in-place writes into slices, whose
+    backward costs more than they save."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def frame_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """Apply a 2D layer to every frame of a ``(B, T, C, H, W)`` tensor."""
     return conv(channels_last(x.flatten(0, 1))).unflatten(0, x.shape[:2])
@@ -64,22 +70,27 @@ class GroupCausalConv3d(nn.Conv3d):
         taps = self.weight.movedim(2, 0)
         return (taps if len(taps) == 1 else taps[[1, 0, 2]]).flatten(0, 1)
 
-    def add_neighbours(self, taps: Tensor, cache: CausalCache | None = None) -> None:
-        """Add, in place into the current tap ``taps[:, :, :O]``, the previous frame's previous-tap
-        output and, inside a group, the next frame's next-tap output. ``taps``: ``(B, T, taps * O, H, W)``
-        for a chunk that starts at a group boundary."""
-        if self.kernel_size[0] == 1:
-            return
+    def add_neighbours(self, taps: Tensor, cache: CausalCache | None = None) -> Tensor:
+        """The current tap ``taps[:, :, :O]`` plus the previous frame's previous-tap output and,
+        inside a group, the next frame's next-tap output. ``taps``: ``(B, T, taps * O, H, W)`` for a
+        chunk that starts at a group boundary. Sums in place unless autograd records."""
         o, t, group = self.out_channels, taps.shape[1], self.frames_per_group
-        current, previous, following = taps[:, :, :o], taps[:, :, o : 2 * o], taps[:, :, 2 * o :]
+        if self.kernel_size[0] == 1:
+            return taps
+        current, previous, following = taps.split(o, dim=2)  # split, not slices: a cheaper backward
         first = previous[:, :1] if cache is None or self not in cache.last_frames else cache.last_frames[self]
         if cache is not None:
             cache.last_frames[self] = previous[:, -1:].clone()
+        if records_grad(taps):
+            in_group = torch.tensor([(i + 1) % group != 0 and i + 1 < t for i in range(t)], device=taps.device)
+            ahead = F.pad(following[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1)) * in_group.view(1, t, 1, 1, 1)
+            return current + torch.cat([first, previous[:, :-1]], dim=1) + ahead
         current[:, :1] += first
         current[:, 1:] += previous[:, :-1]
         for start in range(0, t, group):
             end = min(start + group, t)
             current[:, start : end - 1] += following[:, start + 1 : end]
+        return current
 
 
 class KTCConv3d(nn.Module):
@@ -100,8 +111,9 @@ class KTCConv3d(nn.Module):
         out = self.conv_2d.out_channels + self.conv_3d.out_channels
         bias = F.pad(torch.cat([self.conv_2d.bias, self.conv_3d.bias]), (0, len(weight) - out))
         y = F.conv2d(channels_last(x.flatten(0, 1)), weight, bias, padding=self.conv_2d.padding).unflatten(0, (b, t))
-        self.conv_3d.add_neighbours(y[:, :, self.conv_2d.out_channels :], cache)
-        return y[:, :, :out]
+        y_2d, y_taps = y.split([self.conv_2d.out_channels, len(weight) - self.conv_2d.out_channels], dim=2)
+        y_3d = self.conv_3d.add_neighbours(y_taps, cache)
+        return torch.cat([y_2d, y_3d], dim=2) if records_grad(y) else y[:, :, :out]  # else summed in place
 
 
 class FrameConv2d(nn.Module):

@@ -3,7 +3,8 @@
 Videos are decoded once, resized so their short side is ``short_side``, and held as uint8; each
 step draws random clips of ``clip_frames`` (1 + 4k) frames and random square crops from them, as a
 deterministic function of (seed, step), so a resumed run continues exactly where it stopped.
-The loss is L1 + ``ssim_weight`` * (1 - SSIM) + ``kl_weight`` * KL, with AdamW.
+The loss is L1 + ``ssim_weight`` * (1 - SSIM) + ``kl_weight`` * KL, with AdamW; the learning rate
+is constant or decays along a cosine to ``lr_final``, also a function of the step alone.
 
 Phases (the KTC recipe: the 2D half is an image model first): ``image`` trains on single frames,
 which run only the first-step path of the model, cheaply; ``video`` trains on clips.
@@ -48,12 +49,20 @@ class TrainConfig:
     short_side: int = 256
     max_video_frames: int = 240
     lr: float = 3e-4
+    lr_final: float | None = None  # cosine decay from lr to this over the run; None: constant
     weight_decay: float = 0.01
     ssim_weight: float = 0.2
     kl_weight: float = 1e-6
     seed: int = 0
     eval_every: int = 250
     checkpoint_every: int = 250
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The rate of optimizer step ``step`` (0-based)."""
+    if config.lr_final is None:
+        return config.lr
+    return config.lr_final + (config.lr - config.lr_final) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
 
 
 def saved_config(folder: Path) -> TrainConfig | None:
@@ -213,9 +222,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lr = learning_rate(config, self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
             self.step += 1
-            record = {"step": self.step, **{k: round(v.item(), 5) for k, v in terms.items()}}
+            record = {"step": self.step, "lr": lr, **{k: round(v.item(), 5) for k, v in terms.items()}}
             if self.eval_clips and (self.step % config.eval_every == 0 or self.step == config.steps):
                 model.eval()
                 record |= {f"eval_{k}": round(v, 4) for k, v in evaluate(model, self.eval_clips).items()}

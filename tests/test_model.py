@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from ivvae_cli.layers import CausalCache
 from ivvae_cli.model import IVVAE
 from ivvae_cli.stream import StreamDecoder, StreamEncoder, VideoSize
+from ivvae_cli.train import encode_clip
 
 from .conftest import REFERENCE
 
@@ -48,6 +49,22 @@ def test_parity_with_reference(path):
         assert ours.shape == ref.shape, name
         err = (ours - ref).abs().max().item()
         assert err <= TOLERANCE, f"{name}: max abs error {err:.2e}"
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
+def test_training_path_matches_reference(path):
+    """With autograd recording, the layers sum out of place: the same outputs, and gradients flow."""
+    model, tensors = _golden(path.stem)
+    mu, logvar = encode_clip(model, tensors["input"].transpose(1, 2))
+    latent = tensors["latent"].transpose(1, 2)
+    cache = CausalCache()
+    decoded = torch.cat([model.decode_step(latent[:, :1], cache), model.decode_step(latent[:, 1:], cache)], dim=1)
+    assert decoded.requires_grad
+    for name, ours in (("mu", mu), ("logvar", logvar), ("decoded", decoded)):
+        err = (ours.detach().transpose(1, 2) - tensors[name]).abs().max().item()
+        assert err <= TOLERANCE, f"{name}: max abs error {err:.2e}"
+    decoded.square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.decoder.parameters())
 
 
 def _golden(name: str) -> tuple[IVVAE, dict[str, torch.Tensor]]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ivvae_cli.cli import app
-from ivvae_cli.train import TrainConfig, Trainer
+from ivvae_cli.train import TrainConfig, Trainer, learning_rate
 from ivvae_cli.weights import load_model
 
 from .media import make_clip
@@ -41,6 +43,27 @@ def test_resuming_continues_exactly(tmp_path):
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_cosine_run_resumes_exactly(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    config = replace(_config(clip, 4), lr_final=2e-4)
+    Trainer(config, tmp_path / "straight", torch.device("cpu")).run()
+
+    def interrupt(step: int, record: dict) -> None:
+        if step == 2:  # after the checkpoint of step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, tmp_path / "resumed", torch.device("cpu")).run(interrupt)
+    Trainer(config, tmp_path / "resumed", torch.device("cpu")).run()
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert rates[0] == 2e-3 and rates == sorted(rates, reverse=True) and rates[-1] > 2e-4
+    assert learning_rate(config, 4) == pytest.approx(2e-4) and learning_rate(config, 2) == pytest.approx(1.1e-3)
 
 
 def test_cli_trains_resumes_and_the_result_loads(tmp_path):
