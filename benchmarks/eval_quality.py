@@ -3,6 +3,7 @@ first 33 frames of each clip, resized so the short side is 256, PSNR and SSIM pe
 
     python benchmarks/eval_quality.py                       # the default model, eval split
     python benchmarks/eval_quality.py --weights run/model.safetensors --split eval --frames 33
+    python benchmarks/eval_quality.py other.mp4 more.mpg --short-side 0   # any clips, native size
 
 Prints one row per clip and the mean, and encode/decode frames/s of the whole pass (CPU unless
 --device says otherwise).
@@ -26,26 +27,30 @@ SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("clips", nargs="*", type=Path, help="clips to measure instead of a manifest split")
     parser.add_argument("--weights", help="checkpoint file or model name (default: as ivvae chooses)")
     parser.add_argument("--manifest", type=Path, default=SHARED_VIDEOS / "MANIFEST.tsv")
     parser.add_argument("--split", default="eval")
     parser.add_argument("--frames", type=int, default=33)
-    parser.add_argument("--short-side", type=int, default=256)
+    parser.add_argument("--short-side", type=int, default=256, help="0: native size")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     loaded = load_model(find_weights(args.weights), device=select_device(args.device))
-    with args.manifest.open() as f:
-        clips = [row["file"] for row in csv.DictReader(f, delimiter="\t") if row["split"] == args.split]
-    options = EncodeOptions(max_frames=args.frames, short_side=args.short_side)
+    clips = args.clips
+    if not clips:
+        with args.manifest.open() as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            clips = [args.manifest.parent / row["file"] for row in reader if row["split"] == args.split]
+    options = EncodeOptions(max_frames=args.frames, short_side=args.short_side or None)
     rows = []
     for clip in clips:
         start = time.perf_counter()
         with torch.inference_mode():
-            result = reconstruct_video(args.manifest.parent / clip, loaded, options)
+            result = reconstruct_video(clip, loaded, options)
         summary = result.metrics.summary()
         rows.append({
-            "clip": clip,
+            "clip": str(clip.relative_to(args.manifest.parent) if clip.is_relative_to(args.manifest.parent) else clip),
             "size": f"{result.header.source_width}x{result.header.source_height}",
             "frames": summary["frames"],
             "psnr_db": round(summary["psnr_db"], 2),
@@ -58,7 +63,8 @@ def main() -> None:
         "model": loaded.name,
         "weights": str(loaded.path),
         "fingerprint": loaded.fingerprint,
-        "protocol": f"first {args.frames} frames, short side {args.short_side}, split {args.split}",
+        "protocol": f"first {args.frames} frames, short side {args.short_side or 'native'}"
+        + ("" if args.clips else f", split {args.split}"),
         "clips": rows,
         "mean_psnr_db": round(sum(r["psnr_db"] for r in rows) / len(rows), 2),
         "mean_ssim": round(sum(r["ssim"] for r in rows) / len(rows), 4),
