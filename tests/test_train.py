@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ivvae_cli.cli import app
-from ivvae_cli.train import TrainConfig, Trainer, learning_rate
+from ivvae_cli.train import TrainConfig, Trainer, learning_rate, loss_terms, reconstruct_clip
 from ivvae_cli.weights import load_model
 
 from .media import make_clip
@@ -66,12 +67,27 @@ def test_an_interrupted_cosine_run_resumes_exactly(tmp_path):
     assert learning_rate(config, 4) == pytest.approx(2e-4) and learning_rate(config, 2) == pytest.approx(1.1e-3)
 
 
+def test_the_mse_term_adds_its_weight_times_the_squared_error(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    config = _config(clip, 1)
+    trainer = Trainer(config, tmp_path / "run", torch.device("cpu"))
+    batch = trainer.bank.sample(np.random.default_rng(0), 2, 5, 32)
+    plain = loss_terms(trainer.model, batch, config, torch.Generator().manual_seed(0))
+    weighted = loss_terms(trainer.model, batch, replace(config, mse_weight=3.0), torch.Generator().manual_seed(0))
+    recon = reconstruct_clip(trainer.model, batch, torch.Generator().manual_seed(0))[0]
+    mse = (recon - batch).pow(2).mean()
+    assert mse > 0 and torch.allclose(weighted["mse"], mse)
+    assert torch.allclose(weighted["loss"] - plain["loss"], 3 * mse)
+
+
 def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     clip = tmp_path / "clip.mp4"
     make_clip(clip, 12, 48, 40)
     (tmp_path / "MANIFEST.tsv").write_text("split\tfile\ntrain\tclip.mp4\neval\tclip.mp4\n")
     args = ["train", "--manifest", str(tmp_path / "MANIFEST.tsv"), "--out", str(tmp_path / "run"), "-q"]
     small = ["--dim", "4", "--z-dim", "4", "--crop", "32", "--clip-frames", "5", "--batch", "1", "--short-side", "0"]
+    small += ["--mse-weight", "2"]
     result = CliRunner().invoke(app, [*args, *small, "--steps", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     again = CliRunner().invoke(app, [*args, "--steps", "3"])
@@ -80,5 +96,6 @@ def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     assert resumed.exit_code == 0, resumed.stderr
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and "eval_psnr_db" in log[-1]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mse_weight"] == 2
     loaded = load_model(tmp_path / "run" / "model.safetensors")
     assert (loaded.model.z_dim, loaded.model.dim) == (4, 4) and loaded.model.scale_factor != 1.0
