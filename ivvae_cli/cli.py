@@ -510,7 +510,7 @@ def train(
     phase: Annotated[str, typer.Option(help="image (single frames) or video (clips).")] = "video",
     steps: Annotated[int | None, typer.Option(min=1, help="Total optimizer steps.")] = None,
     z_dim: Annotated[int, typer.Option(help="Latent channels.")] = 16,
-    dim: Annotated[int, typer.Option(help="Base width.")] = 8,
+    dim: Annotated[int, typer.Option(help="Base width (an --init of half this width is widened to it).")] = 8,
     init: Annotated[Path | None, typer.Option(help="Start from this checkpoint (fine-tuning).")] = None,
     crop: Annotated[int, typer.Option(min=16, help="Square crop, pixels (multiple of 8).")] = 128,
     batch: Annotated[int, typer.Option(min=1)] = 4,

@@ -30,7 +30,7 @@ from ivvae_cli.layers import CausalCache
 from ivvae_cli.metrics import ssim_torch
 from ivvae_cli.model import IVVAE
 from ivvae_cli.video import read_frames, unit_float
-from ivvae_cli.weights import check_fit, read_checkpoint
+from ivvae_cli.weights import architecture, check_fit, read_checkpoint
 
 
 @dataclass
@@ -176,6 +176,51 @@ def evaluate(model: IVVAE, clips: list[torch.Tensor]) -> dict[str, float]:
     return {"psnr_db": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
 
 
+def _channel_blocks(name: str) -> tuple[int, int]:
+    """How many equal blocks the output and the input channels of a parameter are made of: a
+    block is one KTC half, or q, k or v, or one of the two frames an upsampling conv predicts."""
+    if ".to_qkv." in name:
+        return 3, 1
+    if ".time_conv." in name:
+        return (2 if name.startswith("decoder.") else 1), 1  # the decoder's predict two frames
+    if any(f".{part}." in name for part in ("proj", "norm", "resample_2d", "resample_3d")):
+        return 1, 1
+    if ".conv_2d." in name or ".conv_3d." in name:
+        return 1, 2
+    return 2, 2  # FrameConv2d over both halves, SplitRMSNorm gammas
+
+
+def _interleave_blocks(a: torch.Tensor, b: torch.Tensor, dim: int, blocks: int) -> torch.Tensor:
+    """Each of the ``blocks`` blocks of ``a`` along ``dim`` followed by the same block of ``b``."""
+    parts = [x.unflatten(dim, (blocks, 1, -1)) for x in (a, b)]
+    return torch.cat(parts, dim=dim + 1).flatten(dim, dim + 2)
+
+
+def widen(state: dict[str, torch.Tensor], generator: torch.Generator, jitter: float = 0.1) -> dict[str, torch.Tensor]:
+    """A checkpoint of base width ``dim`` -> one of width ``2 * dim`` that computes the same function
+    (Net2WiderNet, Chen et al. 2016), so that a wider model starts from a trained narrow one.
+
+    Every channel is duplicated. A layer reading duplicated channels gets each weight split in two
+    parts that sum to it, unequal by ``jitter`` so that the copies learn apart. RMS norms see the
+    same mean square; queries are scaled by 1/sqrt(2) against attention's 1/sqrt(channels).
+    """
+    z_dim, dim = architecture(state)
+    wide = IVVAE(z_dim, 2 * dim).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        t, target = value.float(), wide[name].shape
+        out_blocks, in_blocks = _channel_blocks(name)
+        if t.shape[0] != target[0]:
+            t = _interleave_blocks(t, t, 0, out_blocks)
+            if ".to_qkv." in name:
+                t[: len(t) // 3] /= math.sqrt(2)
+        if t.dim() > 1 and t.shape[1] != target[1]:
+            split = jitter * t.std() / 2 * torch.randn(t.shape, generator=generator)
+            t = _interleave_blocks(t / 2 + split, t / 2 - split, 1, in_blocks)
+        out[name] = t.to(value.dtype)
+    return out
+
+
 class Trainer:
     """One training run in ``folder``: ``state.pt`` (weights, optimizer, step, config) to resume,
     ``model.safetensors`` (the weights ivvae loads), ``log.jsonl``."""
@@ -195,6 +240,8 @@ class Trainer:
             self.step = state["step"]
         elif config.init:
             init = read_checkpoint(config.init)[0]
+            if 2 * architecture(init, config.init)[1] == config.dim:
+                init = widen(init, torch.Generator().manual_seed(config.seed))
             check_fit(self.model, init, config.init)
             self.model.load_state_dict(init)
         frames = 1 if config.phase == "image" else config.clip_frames

@@ -8,11 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ivvae_cli.cli import app
-from ivvae_cli.train import TrainConfig, Trainer, learning_rate, loss_terms, reconstruct_clip
+from ivvae_cli.model import IVVAE
+from ivvae_cli.train import TrainConfig, Trainer, learning_rate, loss_terms, reconstruct_clip, widen
 from ivvae_cli.weights import load_model
 
 from .media import make_clip
@@ -99,3 +100,29 @@ def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["mse_weight"] == 2
     loaded = load_model(tmp_path / "run" / "model.safetensors")
     assert (loaded.model.z_dim, loaded.model.dim) == (4, 4) and loaded.model.scale_factor != 1.0
+
+
+def test_widening_keeps_what_the_model_computes(tmp_path):
+    torch.manual_seed(0)
+    narrow = IVVAE(4, 4).eval()
+    wide = IVVAE(4, 8).eval()
+    wide.load_state_dict(widen(narrow.state_dict(), torch.Generator().manual_seed(1)))
+    video = torch.rand(1, 3, 9, 32, 24) * 2 - 1
+    with torch.no_grad():
+        latent = narrow.encode(video)
+        assert torch.allclose(wide.encode(video), latent, atol=1e-5)
+        assert torch.allclose(wide.decode(latent), narrow.decode(latent), atol=1e-5)
+
+
+def test_training_a_wider_model_from_a_narrow_checkpoint_separates_the_copies(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    torch.manual_seed(0)
+    save_file(IVVAE(4, 4).state_dict(), str(tmp_path / "narrow.safetensors"))
+    config = replace(_config(clip, 1), dim=8, init=str(tmp_path / "narrow.safetensors"))
+    trainer = Trainer(config, tmp_path / "run", torch.device("cpu"))
+    first = trainer.model.encoder.conv1.conv_2d.weight
+    assert torch.equal(first[:4], first[4:])  # each channel and its copy
+    trainer.run()
+    first = trainer.model.encoder.conv1.conv_2d.weight
+    assert not torch.allclose(first[:4], first[4:])
