@@ -182,7 +182,7 @@ def _channel_blocks(name: str) -> tuple[int, int]:
     if ".to_qkv." in name:
         return 3, 1
     if ".time_conv." in name:
-        return (2 if name.startswith("decoder.") else 1), 1  # the decoder's predict two frames
+        return (2 if name.startswith("decoder.") else 1), 1  # in the decoder: two frames out
     if any(f".{part}." in name for part in ("proj", "norm", "resample_2d", "resample_3d")):
         return 1, 1
     if ".conv_2d." in name or ".conv_3d." in name:
@@ -205,7 +205,8 @@ def widen(state: dict[str, torch.Tensor], generator: torch.Generator, jitter: fl
     same mean square; queries are scaled by 1/sqrt(2) against attention's 1/sqrt(channels).
     """
     z_dim, dim = architecture(state)
-    wide = IVVAE(z_dim, 2 * dim).state_dict()
+    with torch.device("meta"):  # shapes only
+        wide = IVVAE(z_dim, 2 * dim).state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, value in state.items():
         t, target = value.float(), wide[name].shape
