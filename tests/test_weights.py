@@ -213,6 +213,6 @@ def test_search_order(tmp_path, monkeypatch, model):
     assert find_weights() == cache / "ivvae_z16_dim64.pth"
     assert find_weights(env / "ivvae_z4_dim64.pth", model="z16_dim64") == env / "ivvae_z4_dim64.pth"
     assert find_weights("z8_dim64", model="z4_dim64") == cache / "ivvae_z8_dim64.pth"  # --weights takes a name too
-    assert find_weights(model="z16_dim8") == BUNDLED
+    assert find_weights(model="z16_dim16") == BUNDLED
     with pytest.raises(WeightsError, match="weights file not found"):
         find_weights(tmp_path / "absent.pth")
