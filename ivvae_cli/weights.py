@@ -77,8 +77,8 @@ PUBLISHED = {
     )
 }  # in order of preference when no model is named
 
-BUNDLED = Path(__file__).parent / "bundled" / "ivvae_z16_dim16.safetensors"
 BUNDLED_NAME = "ivvae_z16_dim16"
+BUNDLED = Path(__file__).parent / "bundled" / f"{BUNDLED_NAME}.safetensors"
 
 
 def published_variant(z_dim: int, dim: int) -> Variant | None:

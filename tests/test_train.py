@@ -102,7 +102,7 @@ def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     assert (loaded.model.z_dim, loaded.model.dim) == (4, 4) and loaded.model.scale_factor != 1.0
 
 
-def test_widening_keeps_what_the_model_computes(tmp_path):
+def test_widening_keeps_what_the_model_computes():
     torch.manual_seed(0)
     narrow = IVVAE(4, 4).eval()
     wide = IVVAE(4, 8).eval()
