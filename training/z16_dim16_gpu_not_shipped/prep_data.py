@@ -1,19 +1,17 @@
-"""Shrink the train split for the GPU machine: first 240 frames, short side 256 (as FrameBank does),
-RGB H.264 (libx264rgb: no YUV matrix, no chroma subsampling) at a given CRF."""
+"""Shrink the train split for the GPU machine: the frames FrameBank holds (first 240 frames, short
+side 256), as RGB H.264 (libx264rgb: no YUV matrix, no chroma subsampling) at a given CRF."""
 import sys
 from pathlib import Path
 
 import av
-import torch
 
-from ivvae_cli.train import _resize, manifest_videos
-from ivvae_cli.video import read_frames, unit_float
+from ivvae_cli.train import FrameBank, TrainConfig, manifest_videos
 
 manifest, out, crf = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 out.mkdir(parents=True, exist_ok=True)
-for i, path in enumerate(manifest_videos(manifest, "train")):
-    chunks = read_frames(path, max_frames=240, chunk=16)
-    frames = torch.cat([_resize(torch.from_numpy(unit_float(f)), 256) for f, _ in chunks])
+paths = manifest_videos(manifest, "train")
+bank = FrameBank(paths, TrainConfig.short_side, TrainConfig.max_video_frames, min_frames=1)
+for i, (path, frames) in enumerate(zip(paths, bank.videos, strict=True)):
     t, h, w, _ = frames.shape
     dst = out / f"{i:02d}.mp4"
     with av.open(str(dst), "w") as c:
