@@ -523,6 +523,9 @@ def train(
     mse_weight: Annotated[
         float, typer.Option(min=0, help="Weight of an MSE term beside L1 (PSNR weighs large errors as MSE does).")
     ] = 0.0,
+    psnr_weight: Annotated[
+        float, typer.Option(min=0, help="Weight of a term minus the mean per-frame PSNR (as benchmarks average).")
+    ] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -554,7 +557,8 @@ def train(
             config = TrainConfig(
                 videos=files, eval_videos=evals, z_dim=z_dim, dim=dim, init=str(init) if init else None,
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
-                short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, seed=seed,
+                short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, psnr_weight=psnr_weight,
+                seed=seed,
             )  # fmt: skip
         trainer = Trainer(config, out, select_device(device))
         if not quiet:

@@ -3,8 +3,10 @@
 Videos are decoded once, resized so their short side is ``short_side``, and held as uint8; each
 step draws random clips of ``clip_frames`` (1 + 4k) frames and random square crops from them, as a
 deterministic function of (seed, step), so a resumed run continues exactly where it stopped.
-The loss is L1 + ``mse_weight`` * MSE + ``ssim_weight`` * (1 - SSIM) + ``kl_weight`` * KL, with
-AdamW (the MSE term weighs large errors more, as PSNR does); the learning rate
+The loss is L1 + ``mse_weight`` * MSE - ``psnr_weight`` * PSNR + ``ssim_weight`` * (1 - SSIM) +
+``kl_weight`` * KL, with AdamW. The MSE term weighs large errors more than L1 does; the PSNR term
+(mean over frames, as benchmarks average it) weighs each frame's squared error by the inverse of
+its mean, so a 10% gain counts alike on a clean frame and on a hard one; the learning rate
 is constant or decays along a cosine to ``lr_final``, also a function of the step alone.
 
 Phases (the KTC recipe: the 2D half is an image model first): ``image`` trains on single frames,
@@ -53,6 +55,7 @@ class TrainConfig:
     lr_final: float | None = None  # cosine decay from lr to this over the run; None: constant
     weight_decay: float = 0.01
     mse_weight: float = 0.0
+    psnr_weight: float = 0.0
     ssim_weight: float = 0.2
     kl_weight: float = 1e-6
     seed: int = 0
@@ -152,14 +155,20 @@ def _unit_frames(clip: torch.Tensor) -> torch.Tensor:
     return (clip.flatten(0, 1).float() + 1) / 2
 
 
+PSNR_FLOOR_MSE = 1e-5  # caps the PSNR term near 50 dB, so flat crops do not take all the weight
+
+
 def loss_terms(model: IVVAE, clip: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict:
     recon, mu, logvar = reconstruct_clip(model, clip, generator)
     error = recon - clip
     l1, mse = error.abs().mean(), error.pow(2).mean()
+    frame_mse = error.float().pow(2).flatten(2).mean(dim=2) / 4  # on the [0, 1] scale
+    psnr = (-10 * torch.log10(frame_mse + PSNR_FLOOR_MSE)).mean()
     ssim = ssim_torch(_unit_frames(recon).clamp(0, 1), _unit_frames(clip)).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
-    total = l1 + config.mse_weight * mse + config.ssim_weight * (1 - ssim) + config.kl_weight * kl
-    return {"loss": total, "l1": l1, "mse": mse, "ssim": ssim, "kl": kl}
+    total = l1 + config.mse_weight * mse - config.psnr_weight * psnr + config.ssim_weight * (1 - ssim)
+    total = total + config.kl_weight * kl
+    return {"loss": total, "l1": l1, "mse": mse, "psnr": psnr, "ssim": ssim, "kl": kl}
 
 
 def evaluate(model: IVVAE, clips: list[torch.Tensor]) -> dict[str, float]:

@@ -82,13 +82,28 @@ def test_the_mse_term_adds_its_weight_times_the_squared_error(tmp_path):
     assert torch.allclose(weighted["loss"] - plain["loss"], 3 * mse)
 
 
+def test_the_psnr_term_subtracts_its_weight_times_the_mean_frame_psnr(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    config = _config(clip, 1)
+    trainer = Trainer(config, tmp_path / "run", torch.device("cpu"))
+    batch = trainer.bank.sample(np.random.default_rng(0), 2, 5, 32)
+    plain = loss_terms(trainer.model, batch, config, torch.Generator().manual_seed(0))
+    weighted = loss_terms(trainer.model, batch, replace(config, psnr_weight=0.5), torch.Generator().manual_seed(0))
+    recon = reconstruct_clip(trainer.model, batch, torch.Generator().manual_seed(0))[0]
+    frames = [(r - b).pow(2).mean() / 4 for r, b in zip(recon.flatten(0, 1), batch.flatten(0, 1), strict=True)]
+    psnr = torch.stack([-10 * torch.log10(m + 1e-5) for m in frames]).mean()
+    assert 0 < psnr < 50 and torch.allclose(weighted["psnr"], psnr)
+    assert torch.allclose(weighted["loss"] - plain["loss"], -0.5 * psnr)
+
+
 def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     clip = tmp_path / "clip.mp4"
     make_clip(clip, 12, 48, 40)
     (tmp_path / "MANIFEST.tsv").write_text("split\tfile\ntrain\tclip.mp4\neval\tclip.mp4\n")
     args = ["train", "--manifest", str(tmp_path / "MANIFEST.tsv"), "--out", str(tmp_path / "run"), "-q"]
     small = ["--dim", "4", "--z-dim", "4", "--crop", "32", "--clip-frames", "5", "--batch", "1", "--short-side", "0"]
-    small += ["--mse-weight", "2"]
+    small += ["--mse-weight", "2", "--psnr-weight", "0.01"]
     result = CliRunner().invoke(app, [*args, *small, "--steps", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     again = CliRunner().invoke(app, [*args, "--steps", "3"])
@@ -97,7 +112,8 @@ def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     assert resumed.exit_code == 0, resumed.stderr
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and "eval_psnr_db" in log[-1]
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["mse_weight"] == 2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["mse_weight"] == 2 and saved["psnr_weight"] == 0.01
     loaded = load_model(tmp_path / "run" / "model.safetensors")
     assert (loaded.model.z_dim, loaded.model.dim) == (4, 4) and loaded.model.scale_factor != 1.0
 
