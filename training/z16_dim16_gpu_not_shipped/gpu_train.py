@@ -3,6 +3,7 @@ OpenCV's FFmpeg from the shrunk RGB H.264 train split (prep_data.py) instead. Ev
 the library's Trainer. Usage: gpu_train.py DATA_DIR OUT_DIR DEADLINE_S BATCH LR LR_FINAL, run from
 the repository root; INIT (default: the bundled model) and STEPS (default: as many as a 12-step
 probe says fit before DEADLINE_S) from the environment."""
+
 import json
 import os
 import sys
@@ -47,14 +48,27 @@ device = torch.device(os.environ.get("DEVICE", "cuda"))
 print(torch.__version__, device, flush=True)
 videos = sorted(str(p) for p in data.glob("*.mp4"))
 config = train.TrainConfig(
-    videos=videos, z_dim=16, dim=16, init=os.environ.get("INIT", "ivvae_cli/bundled/ivvae_z16_dim16.safetensors"),
-    clip_frames=9, crop=256, batch=batch, lr=lr, lr_final=lr_final, mse_weight=10.0, seed=11, steps=12,
+    videos=videos,
+    z_dim=16,
+    dim=16,
+    init=os.environ.get("INIT", "ivvae_cli/bundled/ivvae_z16_dim16.safetensors"),
+    clip_frames=9,
+    crop=256,
+    batch=batch,
+    lr=lr,
+    lr_final=lr_final,
+    mse_weight=10.0,
+    seed=11,
+    steps=12,
     checkpoint_every=10**9,
 )
 t0 = time.time()
 probe = train.Trainer(config, Path("/tmp/probe"), device)
-print(f"bank {len(probe.bank.videos)} videos, {sum(len(v) for v in probe.bank.videos)} frames, "
-      f"load {time.time() - t0:.1f}s", flush=True)
+print(
+    f"bank {len(probe.bank.videos)} videos, {sum(len(v) for v in probe.bank.videos)} frames, "
+    f"load {time.time() - t0:.1f}s",
+    flush=True,
+)
 times = []
 probe.run(lambda s, r: times.append(time.time()))
 if device.type == "cuda":

@@ -1,5 +1,6 @@
 """Shrink the train split for the GPU machine: the frames FrameBank holds (first 240 frames, short
 side 256), as RGB H.264 (libx264rgb: no YUV matrix, no chroma subsampling) at a given CRF."""
+
 import sys
 from pathlib import Path
 
