@@ -68,29 +68,28 @@ def test_an_interrupted_cosine_run_resumes_exactly(tmp_path):
     assert learning_rate(config, 4) == pytest.approx(2e-4) and learning_rate(config, 2) == pytest.approx(1.1e-3)
 
 
-def test_the_mse_term_adds_its_weight_times_the_squared_error(tmp_path):
+def _loss_with(tmp_path, **weights) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+    """Loss terms of one batch without and with ``weights``; the batch and its reconstruction."""
     clip = tmp_path / "clip.mp4"
     make_clip(clip, 12, 48, 40)
     config = _config(clip, 1)
     trainer = Trainer(config, tmp_path / "run", torch.device("cpu"))
     batch = trainer.bank.sample(np.random.default_rng(0), 2, 5, 32)
     plain = loss_terms(trainer.model, batch, config, torch.Generator().manual_seed(0))
-    weighted = loss_terms(trainer.model, batch, replace(config, mse_weight=3.0), torch.Generator().manual_seed(0))
+    weighted = loss_terms(trainer.model, batch, replace(config, **weights), torch.Generator().manual_seed(0))
     recon = reconstruct_clip(trainer.model, batch, torch.Generator().manual_seed(0))[0]
+    return plain, weighted, batch, recon
+
+
+def test_the_mse_term_adds_its_weight_times_the_squared_error(tmp_path):
+    plain, weighted, batch, recon = _loss_with(tmp_path, mse_weight=3.0)
     mse = (recon - batch).pow(2).mean()
     assert mse > 0 and torch.allclose(weighted["mse"], mse)
     assert torch.allclose(weighted["loss"] - plain["loss"], 3 * mse)
 
 
 def test_the_psnr_term_subtracts_its_weight_times_the_mean_frame_psnr(tmp_path):
-    clip = tmp_path / "clip.mp4"
-    make_clip(clip, 12, 48, 40)
-    config = _config(clip, 1)
-    trainer = Trainer(config, tmp_path / "run", torch.device("cpu"))
-    batch = trainer.bank.sample(np.random.default_rng(0), 2, 5, 32)
-    plain = loss_terms(trainer.model, batch, config, torch.Generator().manual_seed(0))
-    weighted = loss_terms(trainer.model, batch, replace(config, psnr_weight=0.5), torch.Generator().manual_seed(0))
-    recon = reconstruct_clip(trainer.model, batch, torch.Generator().manual_seed(0))[0]
+    plain, weighted, batch, recon = _loss_with(tmp_path, psnr_weight=0.5)
     frames = [(r - b).pow(2).mean() / 4 for r, b in zip(recon.flatten(0, 1), batch.flatten(0, 1), strict=True)]
     psnr = torch.stack([-10 * torch.log10(m + 1e-5) for m in frames]).mean()
     assert 0 < psnr < 50 and torch.allclose(weighted["psnr"], psnr)
