@@ -161,9 +161,9 @@ PSNR_FLOOR_MSE = 1e-5  # caps the PSNR term near 50 dB, so flat crops do not tak
 def loss_terms(model: IVVAE, clip: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict:
     recon, mu, logvar = reconstruct_clip(model, clip, generator)
     error = recon - clip
-    l1, mse = error.abs().mean(), error.pow(2).mean()
-    frame_mse = error.float().pow(2).flatten(2).mean(dim=2) / 4  # on the [0, 1] scale
-    psnr = (-10 * torch.log10(frame_mse + PSNR_FLOOR_MSE)).mean()
+    frame_mse = error.float().pow(2).flatten(2).mean(dim=2)  # (B, T): frames are of one size
+    l1, mse = error.abs().mean(), frame_mse.mean()
+    psnr = (-10 * torch.log10(frame_mse / 4 + PSNR_FLOOR_MSE)).mean()  # /4: the [0, 1] scale
     ssim = ssim_torch(_unit_frames(recon).clamp(0, 1), _unit_frames(clip)).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
     total = l1 + config.mse_weight * mse - config.psnr_weight * psnr + config.ssim_weight * (1 - ssim)
