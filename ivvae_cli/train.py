@@ -260,6 +260,18 @@ class Trainer:
         self.eval_clips = self._eval_clips()
         folder.mkdir(parents=True, exist_ok=True)  # only once everything above has worked
         (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        if self.step:
+            self._forget_logged_steps_after_checkpoint()
+
+    def _forget_logged_steps_after_checkpoint(self) -> None:
+        """A run stopped between checkpoints logged steps that resuming redoes; keep each step once."""
+        log = self.folder / "log.jsonl"
+        if not log.exists():
+            return
+        lines = log.read_text().splitlines(keepends=True)
+        tmp = self.folder / ".log.jsonl.partial"
+        tmp.write_text("".join(line for line in lines if json.loads(line)["step"] <= self.step))
+        tmp.replace(log)
 
     def _eval_clips(self) -> list[torch.Tensor]:
         if not self.config.eval_videos:

@@ -54,7 +54,7 @@ def test_an_interrupted_cosine_run_resumes_exactly(tmp_path):
     Trainer(config, tmp_path / "straight", torch.device("cpu")).run()
 
     def interrupt(step: int, record: dict) -> None:
-        if step == 2:  # after the checkpoint of step 2
+        if step == 3:  # a step after the checkpoint of step 2, logged but not saved
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -63,7 +63,9 @@ def test_an_interrupted_cosine_run_resumes_exactly(tmp_path):
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    rates = [json.loads(line)["lr"] for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    log = (tmp_path / "straight" / "log.jsonl").read_text()
+    assert (tmp_path / "resumed" / "log.jsonl").read_text() == log  # step 3 logged once, as redone
+    rates = [json.loads(line)["lr"] for line in log.splitlines()]
     assert rates[0] == 2e-3 and rates == sorted(rates, reverse=True) and rates[-1] > 2e-4
     assert learning_rate(config, 4) == pytest.approx(2e-4) and learning_rate(config, 2) == pytest.approx(1.1e-3)
 
