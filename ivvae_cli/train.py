@@ -58,6 +58,7 @@ class TrainConfig:
     psnr_weight: float = 0.0
     ssim_weight: float = 0.2
     kl_weight: float = 1e-6
+    bf16: bool = True  # bf16 autocast on CUDA (CPU always trains in float32)
     seed: int = 0
     eval_every: int = 250
     checkpoint_every: int = 250
@@ -282,7 +283,7 @@ class Trainer:
 
     def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
         config, model = self.config, self.model
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and config.bf16)
         record: dict = {}
         model.train()
         while self.step < config.steps:
