@@ -9,6 +9,9 @@ The loss is L1 + ``mse_weight`` * MSE - ``psnr_weight`` * PSNR + ``ssim_weight``
 its mean, so a 10% gain counts alike on a clean frame and on a hard one; the learning rate
 is constant or decays along a cosine to ``lr_final``, also a function of the step alone.
 
+``decoder_only`` freezes the encoder of the init checkpoint and keeps its latent scale and shift, so
+latents made with it stay valid for the fine-tuned decoder.
+
 Phases (the KTC recipe: the 2D half is an image model first): ``image`` trains on single frames,
 which run only the first-step path of the model, cheaply; ``video`` trains on clips.
 """
@@ -32,7 +35,7 @@ from ivvae_cli.layers import CausalCache
 from ivvae_cli.metrics import ssim_torch
 from ivvae_cli.model import IVVAE
 from ivvae_cli.video import read_frames, unit_float
-from ivvae_cli.weights import architecture, check_fit, read_checkpoint
+from ivvae_cli.weights import architecture, check_fit, latent_factors, read_checkpoint
 
 
 @dataclass
@@ -59,6 +62,7 @@ class TrainConfig:
     ssim_weight: float = 0.2
     kl_weight: float = 1e-6
     bf16: bool = True  # bf16 autocast on CUDA (CPU always trains in float32)
+    decoder_only: bool = False  # the encoder stays the init's, so latents made with it stay valid
     seed: int = 0
     eval_every: int = 250
     checkpoint_every: int = 250
@@ -241,7 +245,16 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.model = IVVAE(config.z_dim, config.dim).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.init_factors: tuple[float, float] | None = None
+        if config.decoder_only:
+            if not config.init:
+                raise InputError("training the decoder only needs a checkpoint to start from (--init)")
+            self.model.encoder.requires_grad_(False)
+            self.model.conv1.requires_grad_(False)
+            init = read_checkpoint(config.init)
+            self.init_factors = latent_factors(*architecture(init[0], config.init), init[1])[1:]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         state_path = folder / "state.pt"
         if state_path.exists():
@@ -333,7 +346,10 @@ class Trainer:
         tmp.replace(self.folder / "model.safetensors")
 
     def latent_statistics(self) -> tuple[float, float]:
-        """Scale and shift that give latents of unit variance and zero mean, from a fixed sample."""
+        """Scale and shift that give latents of unit variance and zero mean, from a fixed sample; with
+        the encoder frozen, the init's, so that its latents keep their values."""
+        if self.init_factors is not None:
+            return self.init_factors
         rng = np.random.default_rng(999)
         with torch.no_grad():
             clip = self.bank.sample(rng, 4, self.frames, self.config.crop).to(self.device)

@@ -175,7 +175,8 @@ class CheckpointReport:
     file_bytes: int
 
 
-def _factors(z_dim: int, dim: int, metadata: dict[str, str]) -> tuple[str, float, float]:
+def latent_factors(z_dim: int, dim: int, metadata: dict[str, str]) -> tuple[str, float, float]:
+    """Name, scale and shift of a checkpoint: its metadata's, else the published variant's, else 1 and 0."""
     variant = published_variant(z_dim, dim)
     name = metadata.get("variant") or (variant.name if variant else f"ivvae_z{z_dim}_dim{dim}")
     scale = float(metadata.get("scale_factor", variant.scale_factor if variant else 1.0))
@@ -205,7 +206,7 @@ def verify_state(
     if broken:
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
         raise WeightsError(f"{source} has NaN or infinite values in {', '.join(broken[:3])}{more}")
-    name, scale, shift = _factors(z_dim, dim, metadata)
+    name, scale, shift = latent_factors(z_dim, dim, metadata)
     params = sum(t.numel() for t in state.values())
     return CheckpointReport(
         path, name, z_dim, dim, params, str(dtype).removeprefix("torch."), scale, shift, fingerprint(state),
@@ -268,7 +269,7 @@ def load_model(
     path = Path(path)
     state, metadata = read_checkpoint(path)
     z_dim, dim = architecture(state, str(path))
-    name, scale, shift = _factors(z_dim, dim, metadata)
+    name, scale, shift = latent_factors(z_dim, dim, metadata)
     scale = scale if scale_factor is None else scale_factor
     shift = shift if shift_factor is None else shift_factor
     with torch.device("meta"):

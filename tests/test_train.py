@@ -143,3 +143,27 @@ def test_training_a_wider_model_from_a_narrow_checkpoint_separates_the_copies(tm
     trainer.run()
     first = trainer.model.encoder.conv1.conv_2d.weight
     assert not torch.allclose(first[:4], first[4:])
+
+
+def test_training_the_decoder_only_keeps_the_latents_of_its_init(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    save_file(IVVAE(4, 4).state_dict(), str(init), {"scale_factor": "0.5", "shift_factor": "0.25"})
+    Trainer(replace(_config(clip, 3), init=str(init), decoder_only=True), tmp_path / "run", torch.device("cpu")).run()
+    before, after = load_model(init).model, load_model(tmp_path / "run" / "model.safetensors").model
+    assert (after.scale_factor, after.shift_factor) == (0.5, 0.25)
+    assert not torch.equal(after.decoder.head[2].conv_2d.weight, before.decoder.head[2].conv_2d.weight)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(after.encode(video), before.encode(video))
+
+
+def test_training_the_decoder_only_needs_a_checkpoint(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    args = ["train", str(clip), "--out", str(tmp_path / "run"), "--decoder-only", "--dim", "4", "--z-dim", "4"]
+    result = CliRunner().invoke(app, [*args, "--crop", "32", "--clip-frames", "5", "--short-side", "0", "-q"])
+    assert result.exit_code == 3 and "--init" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
