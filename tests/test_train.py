@@ -128,7 +128,9 @@ def test_widening_keeps_what_the_model_computes():
     with torch.no_grad():
         latent = narrow.encode(video)
         assert torch.allclose(wide.encode(video), latent, atol=1e-5)
-        assert torch.allclose(wide.decode(latent), narrow.decode(latent), atol=1e-5)
+        # The wide model sums twice the terms in another order: float32 rounding, which the decoder's
+        # depth grows to 1.5e-5 on some CPUs (AMD EPYC); without the queries' 1/sqrt(2) it is off by 0.2.
+        assert torch.allclose(wide.decode(latent), narrow.decode(latent), atol=1e-4)
 
 
 def test_training_a_wider_model_from_a_narrow_checkpoint_separates_the_copies(tmp_path):
