@@ -245,25 +245,27 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.model = IVVAE(config.z_dim, config.dim).to(device)
+        state_path = folder / "state.pt"
+        resuming = state_path.exists()
+        # Read once: its weights start a new run, its scale and shift stay with a frozen encoder.
+        init_file = read_checkpoint(config.init) if config.init and (config.decoder_only or not resuming) else None
         self.init_factors: tuple[float, float] | None = None
         if config.decoder_only:
-            if not config.init:
+            if init_file is None:
                 raise InputError("training the decoder only needs a checkpoint to start from (--init)")
             self.model.encoder.requires_grad_(False)
             self.model.conv1.requires_grad_(False)
-            init = read_checkpoint(config.init)
-            self.init_factors = latent_factors(*architecture(init[0], config.init), init[1])[1:]
+            self.init_factors = latent_factors(*architecture(init_file[0], config.init), init_file[1])[1:]
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
-        state_path = folder / "state.pt"
-        if state_path.exists():
+        if resuming:
             state = torch.load(state_path, map_location=device, weights_only=True)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
-        elif config.init:
-            init = read_checkpoint(config.init)[0]
+        elif init_file is not None:
+            init = init_file[0]
             if 2 * architecture(init, config.init)[1] == config.dim:
                 init = widen(init, torch.Generator().manual_seed(config.seed))
             check_fit(self.model, init, config.init)
