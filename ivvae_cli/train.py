@@ -1,6 +1,8 @@
 """Training and fine-tuning IV-VAE on one's own footage.
 
-Videos are decoded once, resized so their short side is ``short_side``, and held as uint8; each
+Videos are decoded once, resized so their short side is ``short_side`` exactly as ``ivvae
+reconstruct --short-side`` resizes them (libswscale bicubic: a softer resize would train the model
+on blurrier frames than it is measured on), and held as uint8; each
 step draws random clips of ``clip_frames`` (1 + 4k) frames and random square crops from them, as a
 deterministic function of (seed, step), so a resumed run continues exactly where it stopped.
 The loss is L1 + ``mse_weight`` * MSE - ``psnr_weight`` * PSNR + ``ssim_weight`` * (1 - SSIM) +
@@ -27,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ivvae_cli.errors import InputError
 from ivvae_cli.layers import CausalCache
 from ivvae_cli.metrics import ssim_torch
 from ivvae_cli.model import IVVAE
-from ivvae_cli.video import read_frames, unit_float
+from ivvae_cli.video import probe, read_frames, resized, unit_float
 from ivvae_cli.weights import architecture, check_fit, latent_factors, read_checkpoint
 
 
@@ -94,12 +95,10 @@ class FrameBank:
     def __init__(self, paths: list[str], short_side: int, max_frames: int, min_frames: int):
         self.videos: list[torch.Tensor] = []
         for path in paths:
-            frames = torch.cat(
-                [
-                    _resize(torch.from_numpy(unit_float(f)), short_side)
-                    for f, _ in read_frames(path, max_frames=max_frames, chunk=16)
-                ]
-            )
+            info = probe(path)
+            size = resized(info.width, info.height, short_side)
+            chunks = read_frames(path, max_frames=max_frames, chunk=16, size=size)
+            frames = torch.cat([torch.from_numpy(np.rint(unit_float(f) * 255).astype(np.uint8)) for f, _ in chunks])
             if len(frames) >= min_frames:
                 self.videos.append(frames)
         if not self.videos:
@@ -117,16 +116,6 @@ class FrameBank:
                 clip = clip.flip(2)
             clips.append(clip)
         return torch.stack(clips).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
-
-
-def _resize(frames: torch.Tensor, short_side: int) -> torch.Tensor:
-    """Float RGB ``(t, H, W, 3)`` in [0, 1] -> uint8, the short side resized to ``short_side``."""
-    _, h, w, _ = frames.shape
-    x = frames.permute(0, 3, 1, 2)
-    if short_side and min(h, w) != short_side:
-        scale = short_side / min(h, w)
-        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def encode_clip(model: IVVAE, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

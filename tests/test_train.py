@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from ivvae_cli.cli import app
 from ivvae_cli.model import IVVAE
-from ivvae_cli.train import TrainConfig, Trainer, learning_rate, loss_terms, reconstruct_clip, widen
+from ivvae_cli.train import FrameBank, TrainConfig, Trainer, learning_rate, loss_terms, reconstruct_clip, widen
+from ivvae_cli.video import read_frames
 from ivvae_cli.weights import load_model
 
 from .media import make_clip
@@ -24,6 +25,17 @@ def _config(clip, steps: int) -> TrainConfig:
         videos=[str(clip)], z_dim=4, dim=4, steps=steps, clip_frames=5, crop=32, batch=2, short_side=0,
         lr=2e-3, checkpoint_every=2, eval_every=1000,
     )  # fmt: skip
+
+
+def test_training_frames_are_resized_as_reconstruct_resizes_them(tmp_path):
+    """The model is measured on frames `--short-side` resized; training on a softer resize of the
+    same footage would teach it blurrier frames."""
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 9, 64, 48)
+    bank = FrameBank([str(clip)], short_side=24, max_frames=9, min_frames=5)
+    measured = np.concatenate([f for f, _ in read_frames(clip, size=(32, 24))])
+    assert bank.videos[0].shape == (9, 24, 32, 3)
+    assert np.array_equal(bank.videos[0].numpy(), measured)
 
 
 def test_training_lowers_the_loss(tmp_path):
