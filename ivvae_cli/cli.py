@@ -526,6 +526,7 @@ def train(
     psnr_weight: Annotated[
         float, typer.Option(min=0, help="Weight of a term minus the mean per-frame PSNR (as benchmarks average).")
     ] = 0.0,
+    ssim_weight: Annotated[float, typer.Option(min=0, help="Weight of the structural term, 1 - SSIM.")] = 0.2,
     fp32: Annotated[bool, typer.Option(help="Train in float32 on CUDA too (default: bf16 autocast there).")] = False,
     decoder_only: Annotated[
         bool, typer.Option(help="Keep the --init encoder: latents made with that checkpoint stay valid.")
@@ -562,7 +563,7 @@ def train(
                 videos=files, eval_videos=evals, z_dim=z_dim, dim=dim, init=str(init) if init else None,
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
                 short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, psnr_weight=psnr_weight,
-                bf16=not fp32, decoder_only=decoder_only, seed=seed,
+                ssim_weight=ssim_weight, bf16=not fp32, decoder_only=decoder_only, seed=seed,
             )  # fmt: skip
         trainer = Trainer(config, out, select_device(device))
         if not quiet:
