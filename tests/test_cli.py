@@ -363,10 +363,10 @@ def test_interrupt_leaves_nothing_that_looks_complete(tmp_path, checkpoint):
         text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: a loaded CPU (CI beside other work) is slow to the first frame
     while not leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    assert leftovers(tmp_path), "no partial output appeared"
+    assert leftovers(tmp_path), f"no partial output appeared (exit code {proc.poll()})"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
