@@ -44,6 +44,7 @@ def head_parameters(head: KTCConv3d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def set_head_parameters(head: KTCConv3d, key: torch.Tensor, rest: torch.Tensor) -> None:
+    """The inverse of ``head_parameters``."""
     out, channels = head.conv_2d.out_channels, head.conv_2d.in_channels
     head.conv_2d.weight.copy_(key[:-1].T.reshape(out, channels, 3, 3))
     head.conv_2d.bias.copy_(key[-1])
@@ -52,7 +53,7 @@ def set_head_parameters(head: KTCConv3d, key: torch.Tensor, rest: torch.Tensor) 
 
 
 def frame_features(features: torch.Tensor, t: int, pixels: torch.Tensor) -> tuple[bool, torch.Tensor]:
-    """Whether frame ``t`` is a keyframe, and the head's inputs for it at ``pixels``: ``(n, k)``."""
+    """Whether frame ``t`` is a keyframe, and the head's inputs for it at ``pixels``: ``(pixels, features)``."""
     keyframe = t == 0 or (t - 1) % 4 == 0
 
     def patches(i: int) -> torch.Tensor:
