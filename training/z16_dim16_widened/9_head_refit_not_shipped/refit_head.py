@@ -21,14 +21,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ivvae_cli.layers import CausalCache, KTCConv3d
-from ivvae_cli.train import encode_clip, manifest_videos
-from ivvae_cli.video import probe, read_frames, resized, unit_float
+from ivvae_cli.layers import KTCConv3d
+from ivvae_cli.train import FrameBank, manifest_videos, reconstruct_clip
 from ivvae_cli.weights import load_model, read_checkpoint
 
 MANIFEST = Path(__file__).resolve().parents[4] / "shared" / "videos" / "MANIFEST.tsv"
@@ -91,20 +89,13 @@ def main() -> None:
     sums = {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]}  # A, B, frames for keyframes and others
     for path in manifest_videos(args.manifest, "train"):
         start = time.time()
-        info = probe(path)
-        size = resized(info.width, info.height, 256)
-        frames = np.concatenate([f for f, _ in read_frames(path, max_frames=args.frames, chunk=16, size=size)])
-        t = 1 + 4 * ((len(frames) - 1) // 4)
-        h, w = frames.shape[1] // 8 * 8, frames.shape[2] // 8 * 8
-        clip = torch.from_numpy(np.rint(unit_float(frames[:t, :h, :w]) * 255)).float() / 127.5 - 1
-        clip = clip.permute(0, 3, 1, 2)[None]
+        video = FrameBank([path], short_side=256, max_frames=args.frames, min_frames=1).videos[0]
+        t = 1 + 4 * ((len(video) - 1) // 4)
+        h, w = video.shape[1] // 8 * 8, video.shape[2] // 8 * 8
+        clip = video[None, :t, :h, :w].permute(0, 1, 4, 2, 3).float() / 127.5 - 1
         captured.clear()
         with torch.no_grad():
-            latent = model.scale_factor * (encode_clip(model, clip)[0] - model.shift_factor)
-            cache = CausalCache()
-            model.decode_step(latent[:, :1], cache)
-            if latent.shape[1] > 1:
-                model.decode_step(latent[:, 1:], cache)
+            reconstruct_clip(model, clip, None)
             features = torch.cat(captured, 1)[0]
             for i in range(t):
                 pixels = torch.randperm(h * w, generator=generator)[: max(1, int(h * w * args.pixels))]
@@ -121,7 +112,6 @@ def main() -> None:
         a, b, count = sums[keyframe]
         ridge = args.ridge * a.diagonal().mean()
         weights = torch.linalg.solve(a + ridge * torch.eye(len(a), dtype=a.dtype), b + ridge * trained)
-
         change = (error_term(weights, a, b) - error_term(trained, a, b)) / count
         print(json.dumps({"keyframes" if keyframe else "other_frames": int(count), "mean_mse_change": change}))
         solved.append(weights)
