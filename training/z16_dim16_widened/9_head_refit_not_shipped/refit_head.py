@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ivvae_cli.layers import KTCConv3d
+from ivvae_cli.outputs import atomic_output
 from ivvae_cli.train import FrameBank, manifest_videos, reconstruct_clip
 from ivvae_cli.weights import load_model, read_checkpoint
 
@@ -121,9 +122,8 @@ def main() -> None:
     settings = {"init": args.init.name, "frames": args.frames, "pixels": args.pixels, "ridge": args.ridge}
     metadata["head_refit"] = json.dumps(settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.partial")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata)
-    tmp.replace(args.out)
+    with atomic_output(args.out, force=True) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata)
 
 
 if __name__ == "__main__":
