@@ -29,21 +29,30 @@ batch, lr, lr_final = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
 _cache: dict[str, np.ndarray] = {}
 
 
-def read_frames(path, *, max_frames=None, chunk=8, **_):
+def _decoded(path) -> np.ndarray:
     if path not in _cache:
         cap, frames = cv2.VideoCapture(path), []
-        while max_frames is None or len(frames) < max_frames:
-            ok, f = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+        while (ok := cap.read())[0]:
+            frames.append(cv2.cvtColor(ok[1], cv2.COLOR_BGR2RGB))
         _cache[path] = np.stack(frames)
-    frames = _cache[path]
+    return _cache[path]
+
+
+def probe(path):
+    _, height, width, _ = _decoded(path).shape
+    return types.SimpleNamespace(width=width, height=height)
+
+
+def read_frames(path, *, max_frames=None, chunk=8, size=None, **_):
+    frames = _decoded(path)[:max_frames]
+    if size is not None and size != (frames.shape[2], frames.shape[1]):
+        shape = f"{frames.shape[2]}x{frames.shape[1]}"
+        raise ValueError(f"{path} holds {shape} frames, training asks for {size}: rerun prep_data.py")
     for i in range(0, len(frames), chunk):
         yield frames[i : i + chunk], None
 
 
-train.read_frames = read_frames
+train.probe, train.read_frames = probe, read_frames  # FrameBank's only uses of PyAV
 torch.backends.cudnn.benchmark = True
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 device = torch.device(os.environ.get("DEVICE", "cuda"))
