@@ -531,6 +531,9 @@ def train(
     decoder_only: Annotated[
         bool, typer.Option(help="Keep the --init encoder: latents made with that checkpoint stay valid.")
     ] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="Save the weights and the state to resume from every this many steps.")
+    ] = 250,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -564,6 +567,7 @@ def train(
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
                 short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, psnr_weight=psnr_weight,
                 ssim_weight=ssim_weight, bf16=not fp32, decoder_only=decoder_only, seed=seed,
+                checkpoint_every=checkpoint_every,
             )  # fmt: skip
         trainer = Trainer(config, out, select_device(device))
         if not quiet:

@@ -116,7 +116,7 @@ def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     (tmp_path / "MANIFEST.tsv").write_text("split\tfile\ntrain\tclip.mp4\neval\tclip.mp4\n")
     args = ["train", "--manifest", str(tmp_path / "MANIFEST.tsv"), "--out", str(tmp_path / "run"), "-q"]
     small = ["--dim", "4", "--z-dim", "4", "--crop", "32", "--clip-frames", "5", "--batch", "1", "--short-side", "0"]
-    small += ["--mse-weight", "2", "--psnr-weight", "0.01", "--ssim-weight", "0.1", "--fp32"]
+    small += ["--mse-weight", "2", "--psnr-weight", "0.01", "--ssim-weight", "0.1", "--fp32", "--checkpoint-every", "2"]
     result = CliRunner().invoke(app, [*args, *small, "--steps", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     again = CliRunner().invoke(app, [*args, "--steps", "3"])
@@ -127,7 +127,7 @@ def test_cli_trains_resumes_and_the_result_loads(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3] and "eval_psnr_db" in log[-1]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["mse_weight"] == 2 and saved["psnr_weight"] == 0.01 and saved["ssim_weight"] == 0.1
-    assert saved["bf16"] is False
+    assert saved["bf16"] is False and saved["checkpoint_every"] == 2
     loaded = load_model(tmp_path / "run" / "model.safetensors")
     assert (loaded.model.z_dim, loaded.model.dim) == (4, 4) and loaded.model.scale_factor != 1.0
 
