@@ -32,8 +32,11 @@ _cache: dict[str, np.ndarray] = {}
 def _decoded(path) -> np.ndarray:
     if path not in _cache:
         cap, frames = cv2.VideoCapture(path), []
-        while (ok := cap.read())[0]:
-            frames.append(cv2.cvtColor(ok[1], cv2.COLOR_BGR2RGB))
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
         _cache[path] = np.stack(frames)
     return _cache[path]
 
