@@ -361,7 +361,7 @@ def test_interrupt_leaves_nothing_that_looks_complete(tmp_path, checkpoint):
         [sys.executable, "-m", "ivvae_cli", "reconstruct", str(src), str(out), "-w", str(checkpoint), "-q"],
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        env=os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
     )
     deadline = time.time() + 600  # generous: a loaded CPU (CI beside other work) is slow to the first frame
     while not leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
@@ -369,7 +369,11 @@ def test_interrupt_leaves_nothing_that_looks_complete(tmp_path, checkpoint):
     assert leftovers(tmp_path), f"no partial output appeared (exit code {proc.poll()})"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # the fault handler prints where every thread is
+        pytest.fail(f"still running 60 s after SIGINT:\n{proc.communicate(timeout=60)[1][-4000:]}")
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == []
