@@ -362,6 +362,9 @@ def test_interrupt_leaves_nothing_that_looks_complete(tmp_path, checkpoint):
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+        # A test run started in the background (`pytest &`) ignores SIGINT, and a child that
+        # inherits that ignores Ctrl-C too; give it a terminal's default, as a user's shell would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 600  # generous: a loaded CPU (CI beside other work) is slow to the first frame
     while not leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
