@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ivvae_cli.model import IVVAE
+from ivvae_cli import IVVAE, decode, encode
 
 SCALE, SHIFT = 0.9697, -0.1553  # the published z16_dim64 factors
 
@@ -95,11 +95,11 @@ def worker(args) -> None:
     elif args.direction == "encode":
 
         def run(v):
-            return model.encode(v, groups_per_step=groups)
+            return encode(model, v, groups_per_step=groups)
     else:
 
         def run(z):
-            return model.decode(z, groups_per_step=groups)
+            return decode(model, z, groups_per_step=groups)
 
     with torch.inference_mode():
         run(x[:, :, :1])  # warm-up: kernels and their plans
@@ -124,9 +124,9 @@ def count_flops(args) -> dict[str, float]:
     with torch.device("meta"):
         model = IVVAE(args.z_dim, args.dim)
         video = torch.empty(1, 3, args.frames, args.size, args.size)
-        latent = model.encode(video)
+        latent = encode(model, video)
         counts = {}
-        for direction, fn in (("encode", lambda: model.encode(video)), ("decode", lambda: model.decode(latent))):
+        for direction, fn in (("encode", lambda: encode(model, video)), ("decode", lambda: decode(model, latent))):
             with FlopCounterMode(display=False) as counter:
                 fn()
             counts[direction] = counter.get_total_flops()

@@ -18,25 +18,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from ivvae_cli import __version__
-from ivvae_cli.errors import InputError, IvvaeError, OutputError
-from ivvae_cli.latent_file import read_latent_file, write_latent_file
-from ivvae_cli.metrics import Metrics, plot_per_frame
+from ivvae_cli.errors import InputError, IvvaeError
+from ivvae_cli.latent_file import describe_latent_file, looks_like_latent_file, read_latent_file, write_latent_file
+from ivvae_cli.metrics import Metrics, compare_videos, plot_per_frame
 from ivvae_cli.outputs import atomic_output, check_output
 from ivvae_cli.pipeline import (
     EncodeOptions,
     MemoryOptions,
     WriteOptions,
     check_model_matches,
-    compare_videos,
     decode_latent,
     encode_video,
     expected_frames,
-    parse_size,
     reconstruct_video,
     select_device,
 )
-from ivvae_cli.video import probe
+from ivvae_cli.version import __version__
+from ivvae_cli.video import describe_video, probe
 from ivvae_cli.weights import (
     BUNDLED,
     BUNDLED_NAME,
@@ -139,15 +137,52 @@ def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[
         yield lambda n: bar.advance(task, n)
 
 
-def _load(weights: Path | None, model: str | None, device: str, dtype: str, quiet: bool) -> LoadedModel:
-    if dtype not in DTYPES:
-        raise IvvaeError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
+def _model_and_memory(
+    weights: Path | None,
+    model: str | None,
+    device: str,
+    dtype: str,
+    quiet: bool,
+    max_memory: str | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    groups_per_step: int = 1,
+) -> tuple[LoadedModel, MemoryOptions]:
+    """The model, on its device and in its dtype, and the memory options: what every command that
+    runs the model takes alike. Says once which model it uses."""
+    torch_dtype = _dtype(dtype)
+    try:
+        budget = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as e:
+        raise IvvaeError(str(e)) from None
+    if tile is not None and overlap is not None and overlap >= tile:
+        raise IvvaeError(f"--tile-overlap ({overlap}) must be smaller than --tile-size ({tile})")
     target = select_device(device)
-    loaded = load_model(find_weights(weights, model), device=target, dtype=DTYPES[dtype])
+    loaded = load_model(find_weights(weights, model), device=target, dtype=torch_dtype)
     if not quiet:
         where = "the bundled small model" if loaded.path == BUNDLED else loaded.path
         stderr.print(f"model {loaded.name} ({where}) on {target}, {dtype}", highlight=False)
-    return loaded
+    return loaded, MemoryOptions(budget, tile, overlap, groups_per_step)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise IvvaeError(f"unknown dtype '{name}' (use {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def parse_size(text: str) -> int:
+    """``4GB``, ``512M``, ``1.5GiB`` or plain bytes -> bytes (K, M, G, T: powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (value[:-1], value[-1]) if value and value[-1] in units else (value, "")
+    try:
+        size = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"not a size: '{text}' (use e.g. 4GB or 512MB)") from None
+    if size <= 0:
+        raise ValueError(f"size must be positive: '{text}'")
+    return int(size)
 
 
 def _finite(value: Any) -> Any:
@@ -159,16 +194,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _memory(max_memory: str | None, tile: int | None, overlap: int | None, groups_per_step: int) -> MemoryOptions:
-    try:
-        budget = parse_size(max_memory) if max_memory is not None else None
-    except ValueError as e:
-        raise IvvaeError(str(e)) from None
-    if tile is not None and overlap is not None and overlap >= tile:
-        raise IvvaeError(f"--tile-overlap ({overlap}) must be smaller than --tile-size ({tile})")
-    return MemoryOptions(budget, tile, overlap, groups_per_step)
 
 
 def _report(report: dict[str, Any], json_path: Path | None, force: bool = True) -> None:
@@ -214,9 +239,10 @@ def encode(
     with _errors():
         info = probe(_input_file(input))
         check_output(output, force)
-        loaded = _load(weights, model, device, dtype, quiet)
+        loaded, memory = _model_and_memory(
+            weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
+        )
         options = EncodeOptions(start, frames, duration, sample, seed, short_side)
-        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         with _progress("encode", expected_frames(info, options), quiet) as progress:
             data = encode_video(input, loaded, options, memory, progress)
         with atomic_output(output, force) as tmp:
@@ -266,17 +292,17 @@ def decode(
     with _errors():
         data = read_latent_file(input)
         check_output(output, force)
-        loaded = _load(weights, model or data.header.model, device, dtype, quiet)
+        loaded, memory = _model_and_memory(
+            weights, model or data.header.model, device, dtype, quiet, max_memory, tile_size, tile_overlap,
+            groups_per_step,
+        )  # fmt: skip
         check_model_matches(data, loaded, str(input))
-        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
             tiling = decode_latent(data, tmp, loaded, WriteOptions(codec, crf, lossless), memory, progress)
         if not quiet:
             stderr.print(f"wrote {output}", highlight=False)
-        h = data.header
-        report = {"input": str(input), "output": str(output), "frames": h.source_frames}
-        report["tiling"] = tiling.describe(h.padded_height // 8, h.padded_width // 8)
-        _report(report, json_path)
+        _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
+                json_path)  # fmt: skip
 
 
 @app.command()
@@ -313,9 +339,10 @@ def reconstruct(
         info = probe(_input_file(input))
         metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
         lpips_net = _prepare_outputs([output, compare_video, plot], force, lpips)
-        loaded = _load(weights, model, device, dtype, quiet)
+        loaded, memory = _model_and_memory(
+            weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
+        )
         options = EncodeOptions(start, frames, duration, sample, seed, short_side)
-        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         write = WriteOptions(codec, crf, lossless)
         with (
             _progress("reconstruct", expected_frames(info, options), quiet) as progress,
@@ -333,7 +360,7 @@ def reconstruct(
             "model": loaded.name,
             "frames": h.source_frames,
             "encode_tiling": h.tiling,
-            "decode_tiling": result.decode_tiling.describe(h.padded_height // 8, h.padded_width // 8),
+            "decode_tiling": result.decode_tiling,
             "sizes": result.sizes,
         }
         if result.metrics is not None:
@@ -450,53 +477,13 @@ def info(
     """Show what a latent file (or a video) holds."""
     with _errors():
         _input_file(file)
-        if file.suffix in (".latent", ".safetensors") or _looks_like_safetensors(file):
-            report = _latent_info(file)
-        else:
-            v = probe(file)
-            report = {
-                "kind": "video",
-                "file": str(file),
-                "codec": v.codec,
-                "pixel_format": v.pixel_format,
-                "bit_depth": v.bit_depth,
-                "size": [v.width, v.height],
-                "frames": v.frames,
-                "frame_rate": str(v.frame_rate),
-                "duration_s": v.duration,
-                "rotation": v.rotation,
-                "audio": v.audio,
-                "file_bytes": file.stat().st_size,
-            }
+        report = describe_latent_file(file) if looks_like_latent_file(file) else describe_video(file)
         if json_path is None:
             table = Table(show_header=False, title=str(file))
             for key, value in report.items():
                 table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
             Console().print(table)
         _report(report, json_path)
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def _latent_info(path: Path) -> dict[str, Any]:
-    data = read_latent_file(path)
-    h = data.header
-    raw_bytes = h.source_frames * h.source_height * h.source_width * 3
-    latent_bytes = path.stat().st_size
-    report = {"kind": "latent", "file": str(path), "latent_shape": list(data.latent.shape)}
-    report |= {k: v for k, v in vars(h).items()}
-    report |= {
-        "file_bytes": latent_bytes,
-        "raw_rgb8_bytes": raw_bytes,
-        "compression_vs_rgb8": round(raw_bytes / latent_bytes, 2),
-        "elements_ratio": round(raw_bytes / math.prod(data.latent.shape), 2),
-        "audio_bytes": len(data.audio) if data.audio else 0,
-    }
-    return report
 
 
 @app.command()
@@ -539,18 +526,11 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Train or fine-tune IV-VAE on videos; resumable, exactly."""
-    from ivvae_cli.train import TrainConfig, Trainer, manifest_videos, saved_config
+    from ivvae_cli.train import TrainConfig, Trainer, manifest_videos, run_config
 
     with _errors():
-        existing = saved_config(out)
-        if existing is not None and not resume:
-            raise OutputError(f"{out} holds a run already: --resume continues it, or choose another --out")
-        if resume:
-            if existing is None:
-                raise InputError(f"nothing to resume in {out}")
-            config = existing
-            config.steps = steps or config.steps
-        else:
+        new = None
+        if not resume:
             files = [str(v) for v in videos or []]
             evals: list[str] = []
             if manifest is not None:
@@ -558,17 +538,14 @@ def train(
                 evals = manifest_videos(manifest, eval_split) if eval_split else []
             if not files:
                 raise InputError("no training videos: give files or --manifest")
-            if (clip_frames - 1) % 4 or crop % 8:
-                raise IvvaeError("--clip-frames must be 1 + 4k and --crop a multiple of 8")
-            if phase not in ("image", "video"):
-                raise IvvaeError("--phase is image or video")
-            config = TrainConfig(
+            new = TrainConfig(
                 videos=files, eval_videos=evals, z_dim=z_dim, dim=dim, init=str(init) if init else None,
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
                 short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, psnr_weight=psnr_weight,
                 ssim_weight=ssim_weight, bf16=not fp32, decoder_only=decoder_only, seed=seed,
                 checkpoint_every=checkpoint_every,
             )  # fmt: skip
+        config = run_config(out, new, steps)
         trainer = Trainer(config, out, select_device(device))
         if not quiet:
             stderr.print(f"training {trainer.model.z_dim}x{trainer.model.dim} from step {trainer.step} in {out}")
@@ -701,11 +678,7 @@ def weights_convert(
 ) -> None:
     """Convert a checkpoint to safetensors, with its variant, scale and shift as metadata."""
     with _errors():
-        if dtype not in DTYPES:
-            raise IvvaeError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
-        if target.suffix != ".safetensors":
-            raise OutputError(f"{target} should end in .safetensors")
-        record = _checkpoint_record(convert_checkpoint(find_weights(source), target, DTYPES[dtype], force))
+        record = _checkpoint_record(convert_checkpoint(find_weights(source), target, _dtype(dtype), force))
         if json_path is None:
             _print_checkpoint(record)
         _report(record, json_path)

@@ -16,8 +16,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from ivvae_cli import __version__
 from ivvae_cli.errors import DownloadError, OutputError, WeightsError
+from ivvae_cli.version import __version__
 from ivvae_cli.weights import CheckpointReport, Variant, verify_checkpoint
 
 __all__ = ["DownloadError", "download_variant"]

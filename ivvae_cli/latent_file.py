@@ -8,6 +8,7 @@ Metadata (all strings) holds the fields of ``LatentHeader``; docs/latent-format.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ivvae_cli import __version__
 from ivvae_cli.errors import InputError
+from ivvae_cli.model import VideoSize
+from ivvae_cli.version import __version__
 
 FORMAT_NAME = "ivvae-latent"
 FORMAT_VERSION = 1
@@ -51,6 +53,16 @@ class LatentHeader:
     tool_version: str = __version__
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+
+    @property
+    def source_size(self) -> VideoSize:
+        """The size ``decode`` gives back."""
+        return VideoSize(self.source_frames, self.source_height, self.source_width)
+
+    @property
+    def padded_size(self) -> VideoSize:
+        """The size the model ran at."""
+        return VideoSize(self.padded_frames, self.padded_height, self.padded_width)
 
     def to_metadata(self) -> dict[str, str]:
         """Strings as they are, other values as JSON; None is left out."""
@@ -115,15 +127,38 @@ def read_latent_file(path: str | Path) -> LatentFile:
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{path} is truncated or not a safetensors file ({e})") from None
     header = LatentHeader.from_metadata(meta, path)
-    expected = (
-        1,
-        header.z_dim,
-        1 + (header.padded_frames - 1) // 4,
-        header.padded_height // 8,
-        header.padded_width // 8,
-    )
+    lat = header.padded_size.latent()
+    expected = (1, header.z_dim, lat.frames, lat.height, lat.width)
     if tuple(latent.shape) != expected:
         raise InputError(f"{path}: latent shape {tuple(latent.shape)} does not match its header {expected}")
     if len(pts) != header.source_frames:
         raise InputError(f"{path}: {len(pts)} timestamps for {header.source_frames} frames")
     return LatentFile(header, latent, pts, audio)
+
+
+def looks_like_latent_file(path: Path) -> bool:
+    """Whether ``path`` is a latent file by its name or, whatever its name, a safetensors header."""
+    if path.suffix in (".latent", ".safetensors"):
+        return True
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def describe_latent_file(path: Path) -> dict:
+    """What ``ivvae info`` shows of a latent file: its header, shape and sizes."""
+    data = read_latent_file(path)
+    h = data.header
+    raw_bytes = h.source_frames * h.source_height * h.source_width * 3
+    file_bytes = path.stat().st_size
+    return {
+        "kind": "latent",
+        "file": str(path),
+        "latent_shape": list(data.latent.shape),
+        **asdict(h),
+        "file_bytes": file_bytes,
+        "raw_rgb8_bytes": raw_bytes,
+        "compression_vs_rgb8": round(raw_bytes / file_bytes, 2),
+        "elements_ratio": round(raw_bytes / math.prod(data.latent.shape), 2),
+        "audio_bytes": len(data.audio) if data.audio else 0,
+    }

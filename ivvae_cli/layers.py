@@ -8,6 +8,8 @@ published checkpoints so their state dicts load unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,17 +18,24 @@ from torch import Tensor, nn
 class CausalCache:
     """What a stream carries between steps: the last input frame of every group causal conv.
 
-    ``step`` counts finished steps; step 0 is the lone first frame (or first latent frame), where
-    there is no previous group and the temporal resamplers stay idle.
+    ``first_step`` holds until a step has run: the lone first frame (or first latent frame), where
+    there is no previous group and the temporal resamplers stay idle. A tiled stream keeps one cache
+    per tile; ``offload`` and ``restore`` let those wait on disk between steps.
     """
 
     def __init__(self) -> None:
         self.last_frames: dict[nn.Module, Tensor] = {}
-        self.step = 0
+        self.first_step = True
 
-    @property
-    def first_step(self) -> bool:
-        return self.step == 0
+    def offload(self, path: Path) -> None:
+        """Move the cached frames to ``path``, keeping which layer each belongs to."""
+        torch.save(list(self.last_frames.values()), path)
+        self.last_frames = dict.fromkeys(self.last_frames)
+
+    def restore(self, path: Path) -> None:
+        """Bring back what ``offload`` wrote (nothing to do before the first offload)."""
+        if path.exists():
+            self.last_frames = dict(zip(self.last_frames, torch.load(path, weights_only=True), strict=True))
 
 
 def channels_last(x: Tensor) -> Tensor:

@@ -12,12 +12,20 @@ use_sample_covariance=False, data_range=1)``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ivvae_cli.errors import InputError
+from ivvae_cli.model import TEMPORAL_STRIDE
+from ivvae_cli.video import VideoWriter, probe, read_frames, unit_float
 
 PSNR_CAP = 100.0
 _SIGMA, _RADIUS = 1.5, 5
@@ -66,7 +74,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def group_position(index: int) -> str:
     """Where a frame sits in IV-VAE's time structure: ``first`` (the lone first frame), else its
     position 0-3 in its group of four (0: the keyframe, from the 2D half)."""
-    return "first" if index == 0 else str((index - 1) % 4)
+    return "first" if index == 0 else str((index - 1) % TEMPORAL_STRIDE)
+
+
+POSITIONS = ("first", *(str(i) for i in range(TEMPORAL_STRIDE)))
 
 
 def _signed(frames: np.ndarray) -> torch.Tensor:
@@ -124,7 +135,7 @@ class Metrics:
     def positions(rows: list[dict]) -> dict[str, dict]:
         """Mean PSNR and SSIM of the first frame and of each position in a group, from ``per_frame()``."""
         out = {}
-        for position in ("first", "0", "1", "2", "3"):
+        for position in POSITIONS:
             mine = [r for r in rows if r["position"] == position]
             if mine:
                 out[position] = {
@@ -137,7 +148,7 @@ class Metrics:
     def summary(self, worst: int = 5) -> dict:
         rows = self.per_frame()
         positions = self.positions(rows)
-        in_groups = [positions[p] for p in "0123" if p in positions]
+        in_groups = [positions[p] for p in POSITIONS[1:] if p in positions]
         spread = {
             key: (max(v[key] for v in in_groups) - min(v[key] for v in in_groups)) if len(in_groups) > 1 else math.nan
             for key in ("psnr_db", "ssim")
@@ -192,7 +203,7 @@ def plot_per_frame(metrics: Metrics, path: Path) -> None:
     figure, axes = plt.subplots(2, 1, sharex=True, figsize=(10, 5))
     for axis, key in zip(axes, ("psnr_db", "ssim"), strict=True):
         axis.plot([r["index"] for r in rows], [r[key] for r in rows], color="0.6", linewidth=0.8)
-        for position in ("first", "0", "1", "2", "3"):
+        for position in POSITIONS:
             mine = [r for r in rows if r["position"] == position]
             axis.scatter([r["index"] for r in mine], [r[key] for r in mine], s=8, label=f"position {position}")
         axis.set_ylabel("PSNR (dB)" if key == "psnr_db" else "SSIM")
@@ -201,3 +212,66 @@ def plot_per_frame(metrics: Metrics, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+ERROR_GAIN = 8  # the comparison video's error map: |source - reconstruction| times this
+
+
+class ComparisonWriter:
+    """A video of source | reconstruction | amplified error, side by side."""
+
+    def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction):
+        self.writer = VideoWriter(path, width=3 * width, height=height, frame_rate=frame_rate, time_base=time_base)
+
+    def write(self, source: np.ndarray, reconstruction: np.ndarray, pts: list[int]) -> None:
+        recon = np.rint(np.clip(reconstruction, 0, 1) * 255) / 255
+        error = np.clip(np.abs(source - recon) * ERROR_GAIN, 0, 1)
+        self.writer.write(np.concatenate([source, recon, error], axis=2), pts)
+
+    def __enter__(self) -> ComparisonWriter:
+        return self
+
+    def __exit__(self, *error) -> None:
+        self.writer.__exit__(*error)
+
+
+def compare_videos(
+    a: Path,
+    b: Path,
+    *,
+    max_frames: int | None = None,
+    comparison: Path | None = None,
+    lpips: torch.nn.Module | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Metrics, dict]:
+    """Metrics of video ``b`` against video ``a``, frame by frame (any two videos, any codec).
+    Returns the metrics and the frame counts; frames past the shorter video are not compared."""
+    info_a, info_b = probe(a), probe(b)
+    if (info_a.width, info_a.height) != (info_b.width, info_b.height):
+        raise InputError(f"{a} is {info_a.width}x{info_a.height} but {b} is {info_b.width}x{info_b.height}")
+    metrics = Metrics(lpips_net=lpips)
+    counts = {"a": 0, "b": 0}
+    first_pts = None
+    side = (
+        ComparisonWriter(comparison, info_a.width, info_a.height, info_a.frame_rate, info_a.time_base)
+        if comparison
+        else nullcontext()
+    )
+    with side as writer:
+        # Both readers yield chunks of the same length, so chunks pair up frame for frame.
+        for chunk_a, chunk_b in zip_longest(
+            read_frames(a, max_frames=max_frames), read_frames(b, max_frames=max_frames)
+        ):
+            counts["a"] += len(chunk_a[0]) if chunk_a else 0
+            counts["b"] += len(chunk_b[0]) if chunk_b else 0
+            if not (chunk_a and chunk_b):
+                continue
+            n = min(len(chunk_a[0]), len(chunk_b[0]))
+            x, y = unit_float(chunk_a[0][:n]), unit_float(chunk_b[0][:n])
+            metrics.update(x, y)
+            first_pts = chunk_a[1][0] if first_pts is None else first_pts
+            if writer:
+                writer.write(x, y, [p - first_pts for p in chunk_a[1][:n]])
+            if progress:
+                progress(n)
+    return metrics, counts

@@ -1,12 +1,16 @@
 """The IV-VAE model (Wu et al., CVPR 2025): 4x8x8 compression with keyframe-based temporal
 compression (KTC) and group causal convolution (GCConv).
 
-The model is run in steps: the first frame alone, then groups of four frames (one latent frame
-each). ``encode_step`` and ``decode_step`` run one step with a ``CausalCache``; ``encode`` and
-``decode`` stream a whole tensor through them (see ``ivvae_cli.stream`` for the chunked form).
+The model knows one step: the first frame alone, then groups of ``TEMPORAL_STRIDE`` frames (one
+latent frame each), carried across steps by a ``CausalCache``. Whole videos and streams are run by
+``ivvae_cli.stream``.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +27,64 @@ from ivvae_cli.layers import (
     KTCUpsample,
     SplitRMSNorm,
 )
-from ivvae_cli.stream import StreamDecoder, StreamEncoder
+
+TEMPORAL_STRIDE = 4  # frames per latent frame after the first, and frames per GCConv group at full rate
+SPATIAL_STRIDE = 8  # video pixels per latent pixel, each way
+
+
+@dataclass(frozen=True)
+class VideoSize:
+    """Frame count and frame size of a video."""
+
+    frames: int
+    height: int
+    width: int
+
+    def latent(self) -> VideoSize:
+        """The latent's size: 1 + ceil((T - 1) / 4) frames of ceil(H / 8) x ceil(W / 8)."""
+        return VideoSize(
+            1 + math.ceil((self.frames - 1) / TEMPORAL_STRIDE),
+            math.ceil(self.height / SPATIAL_STRIDE),
+            math.ceil(self.width / SPATIAL_STRIDE),
+        )
+
+    def padded(self) -> VideoSize:
+        """The size the model runs at: 1 + 4k frames, H and W multiples of 8."""
+        return self.latent().upsampled()
+
+    def upsampled(self) -> VideoSize:
+        """For a latent's size, the size of the video it decodes to (before any crop)."""
+        t, s = TEMPORAL_STRIDE, SPATIAL_STRIDE
+        return VideoSize(1 + t * (self.frames - 1), s * self.height, s * self.width)
+
+
+class Posterior(NamedTuple):
+    """The encoder's diagonal Gaussian over latents, ``(B, T', z_dim, h, w)`` each, before scaling."""
+
+    mean: Tensor
+    logvar: Tensor
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None, *, frame_by_frame: bool = False) -> Tensor:
+        """A draw from the posterior. ``frame_by_frame`` draws the noise one latent frame at a time
+        (in the posterior's dtype), so that a stream's samples do not depend on how many frames
+        each step holds; otherwise in one float32 draw, as training does."""
+        mean = self.mean
+        if frame_by_frame:
+            draws = [
+                torch.randn(mean[:, i].shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                for i in range(mean.shape[1])
+            ]
+            noise = torch.stack(draws, dim=1)
+        else:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return mean + torch.exp(0.5 * self.logvar) * noise
+
+    def kl(self) -> Tensor:
+        """Mean KL divergence from the unit Gaussian, per latent value."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1 - self.logvar).mean()
 
 
 class Encoder(nn.Module):
@@ -32,17 +93,17 @@ class Encoder(nn.Module):
     def __init__(self, z_dim: int, dim: int):
         super().__init__()
         d1, d2, d4 = dim, 2 * dim, 4 * dim
-        self.conv1 = KTCConv3d(3, d1, d1, 3, frames_per_group=4)
+        self.conv1 = KTCConv3d(3, d1, d1, 3, frames_per_group=TEMPORAL_STRIDE)
         self.downsamples = nn.ModuleList(
             [
-                KTCResidualBlock(d1, d1, 4),
-                KTCResidualBlock(d1, d1, 4),
+                KTCResidualBlock(d1, d1, TEMPORAL_STRIDE),
+                KTCResidualBlock(d1, d1, TEMPORAL_STRIDE),
                 KTCDownsample(d1, temporal=False),
-                KTCResidualBlock(d1, d2, 4),
-                KTCResidualBlock(d2, d2, 4),
+                KTCResidualBlock(d1, d2, TEMPORAL_STRIDE),
+                KTCResidualBlock(d2, d2, TEMPORAL_STRIDE),
                 KTCDownsample(d2, temporal=True),  # groups of 4 frames -> 2
-                KTCResidualBlock(d2, d4, 2),
-                KTCResidualBlock(d4, d4, 2),
+                KTCResidualBlock(d2, d4, TEMPORAL_STRIDE // 2),
+                KTCResidualBlock(d4, d4, TEMPORAL_STRIDE // 2),
                 KTCDownsample(d4, temporal=True),  # groups of 2 frames -> 1
                 KTCAttention(d4),
                 FrameResidualBlock(d4, d4),
@@ -73,20 +134,21 @@ class Decoder(nn.Module):
             [
                 *(m for _ in range(3) for m in (FrameResidualBlock(d4, d4), KTCAttention(d4))),
                 KTCUpsample(d4, temporal=True),  # 1 frame -> 2
-                KTCResidualBlock(d2, d4, 2),
-                KTCResidualBlock(d4, d4, 2),
-                KTCResidualBlock(d4, d4, 2),
+                KTCResidualBlock(d2, d4, TEMPORAL_STRIDE // 2),
+                KTCResidualBlock(d4, d4, TEMPORAL_STRIDE // 2),
+                KTCResidualBlock(d4, d4, TEMPORAL_STRIDE // 2),
                 KTCUpsample(d4, temporal=True),  # 2 frames -> 4
-                KTCResidualBlock(d2, d2, 4),
-                KTCResidualBlock(d2, d2, 4),
-                KTCResidualBlock(d2, d2, 4),
+                KTCResidualBlock(d2, d2, TEMPORAL_STRIDE),
+                KTCResidualBlock(d2, d2, TEMPORAL_STRIDE),
+                KTCResidualBlock(d2, d2, TEMPORAL_STRIDE),
                 KTCUpsample(d2, temporal=False),
-                KTCResidualBlock(d1, d1, 4),
-                KTCResidualBlock(d1, d1, 4),
-                KTCResidualBlock(d1, d1, 4),
+                KTCResidualBlock(d1, d1, TEMPORAL_STRIDE),
+                KTCResidualBlock(d1, d1, TEMPORAL_STRIDE),
+                KTCResidualBlock(d1, d1, TEMPORAL_STRIDE),
             ]
         )
-        self.head = nn.Sequential(SplitRMSNorm(d1), nn.SiLU(), KTCConv3d(2 * d1, 3, 3, 3, frames_per_group=4))
+        head = KTCConv3d(2 * d1, 3, 3, 3, frames_per_group=TEMPORAL_STRIDE)
+        self.head = nn.Sequential(SplitRMSNorm(d1), nn.SiLU(), head)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = self.conv1(x)
@@ -99,8 +161,8 @@ class Decoder(nn.Module):
 class IVVAE(nn.Module):
     """IV-VAE with ``z_dim`` latent channels (half from each KTC half) and base width ``dim``.
 
-    Latents are ``scale_factor * (mu - shift_factor)``. Videos are float tensors ``(B, 3, T, H, W)``
-    in [-1, 1]; latents are ``(B, z_dim, 1 + ceil((T - 1) / 4), ceil(H / 8), ceil(W / 8))``.
+    Latents are ``scale_factor * (z - shift_factor)`` (``scale_latent``). Videos are float tensors in
+    [-1, 1]; ``VideoSize.latent`` gives a latent's size for a video's.
     """
 
     def __init__(self, z_dim: int = 16, dim: int = 64, scale_factor: float = 1.0, shift_factor: float = 0.0):
@@ -115,55 +177,34 @@ class IVVAE(nn.Module):
         self.conv2 = KTCConv3d(z_dim, half, half, 1, frames_per_group=1)
         self.decoder = Decoder(z_dim, dim)
 
-    # -- one step ---------------------------------------------------------------------------------
+    def scale_latent(self, z: Tensor) -> Tensor:
+        """Posterior values -> latents as stored and as diffusion models see them."""
+        return self.scale_factor * (z - self.shift_factor)
 
-    def encode_step(self, frames: Tensor, cache: CausalCache) -> tuple[Tensor, Tensor]:
+    def unscale_latent(self, latent: Tensor) -> Tensor:
+        return latent / self.scale_factor + self.shift_factor
+
+    def encode_step(self, frames: Tensor, cache: CausalCache) -> Posterior:
         """Frames ``(B, T, 3, H, W)`` (T = 1 on the first step, else a multiple of 4; H, W multiples
-        of 8) -> posterior ``(mu, logvar)``, each ``(B, T', z_dim, H/8, W/8)``.
+        of 8) -> the posterior of ``(B, T', z_dim, H/8, W/8)`` latent frames.
         """
         x = self.conv1(self.encoder(frames, cache))
-        cache.step += 1
-        # Channels are [2D: mu | logvar, 3D: mu | logvar]; the posterior takes mu of both halves.
+        cache.first_step = False
+        # Channels are [2D: mu | logvar, 3D: mu | logvar]; each half gives half the latent channels.
         mu_2d, logvar_2d, mu_3d, logvar_3d = x.chunk(4, dim=2)
-        return torch.cat([mu_2d, mu_3d], dim=2), torch.cat([logvar_2d, logvar_3d], dim=2)
+        return Posterior(torch.cat([mu_2d, mu_3d], dim=2), torch.cat([logvar_2d, logvar_3d], dim=2))
 
     def decode_step(self, latents: Tensor, cache: CausalCache) -> Tensor:
         """Scaled latents ``(B, T', z_dim, h, w)`` (T' = 1 on the first step) -> frames
         ``(B, T, 3, 8h, 8w)``: 1 frame on the first step, else 4 per latent frame.
         """
         first = cache.first_step
-        out = self.decoder(self.conv2(latents / self.scale_factor + self.shift_factor), cache)
-        cache.step += 1
+        out = self.decoder(self.conv2(self.unscale_latent(latents)), cache)
+        cache.first_step = False
         keyframes, residuals = out.chunk(2, dim=2)
         if first:
             return keyframes
         # Each group takes its first frame from the 2D (keyframe) half, the other three from the 3D.
-        keyframes, residuals = keyframes.unflatten(1, (-1, 4)), residuals.unflatten(1, (-1, 4))
+        keyframes = keyframes.unflatten(1, (-1, TEMPORAL_STRIDE))
+        residuals = residuals.unflatten(1, (-1, TEMPORAL_STRIDE))
         return torch.cat([keyframes[:, :, :1], residuals[:, :, 1:]], dim=2).flatten(1, 2)
-
-    # -- whole tensors ----------------------------------------------------------------------------
-
-    def encode(
-        self,
-        video: Tensor,
-        *,
-        sample: bool = False,
-        generator: torch.Generator | None = None,
-        groups_per_step: int = 1,
-    ) -> Tensor:
-        """Video ``(B, 3, T, H, W)`` in [-1, 1] -> latent ``(B, z_dim, T', h, w)``.
-
-        The posterior mean unless ``sample``. Any T >= 1, H, W: the last frame is repeated up to
-        1 + 4k frames and edges are replicated up to multiples of 8; ``decode(..., size=(T, H, W))``
-        gives the exact size back.
-        """
-        stream = StreamEncoder(self, sample=sample, generator=generator, groups_per_step=groups_per_step)
-        return torch.cat([stream.push(video), stream.finish()], dim=2)
-
-    def decode(self, latent: Tensor, *, size: tuple[int, int, int] | None = None, groups_per_step: int = 1) -> Tensor:
-        """Latent ``(B, z_dim, T', h, w)`` -> video ``(B, 3, T, H, W)``, not clamped.
-
-        Without ``size``, T = 1 + 4 (T' - 1), H = 8h, W = 8w; with it, cropped to ``(T, H, W)``.
-        """
-        stream = StreamDecoder(self, size=size, groups_per_step=groups_per_step)
-        return torch.cat([stream.push(latent), stream.finish()], dim=2)

@@ -13,16 +13,16 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ivvae_cli.errors import DeviceError, InputError, WeightsError
+from ivvae_cli.errors import DeviceError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
-from ivvae_cli.metrics import Metrics, sizes
-from ivvae_cli.stream import GROUP, STRIDE, StreamDecoder, StreamEncoder, Tiling, VideoSize, plan_tiling
+from ivvae_cli.metrics import ComparisonWriter, Metrics, sizes
+from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
+from ivvae_cli.stream import StreamDecoder, StreamEncoder, Tiling, plan_tiling
 from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames, resized, unit_float
 from ivvae_cli.weights import LoadedModel
 
@@ -76,7 +76,7 @@ class MemoryOptions:
             loaded.model.dim,
             height,
             width,
-            frames_per_step=GROUP * self.groups_per_step,
+            frames_per_step=TEMPORAL_STRIDE * self.groups_per_step,
             budget=int(budget * share),
             direction=direction,
             bytes_per_value=param.element_size(),
@@ -95,20 +95,6 @@ def available_memory(device: torch.device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def parse_size(text: str) -> int:
-    """``4GB``, ``512M``, ``1.5GiB`` or plain bytes -> bytes (K, M, G, T: powers of 1024)."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (value[:-1], value[-1]) if value and value[-1] in units else (value, "")
-    try:
-        size = float(number) * units[unit]
-    except ValueError:
-        raise ValueError(f"not a size: '{text}' (use e.g. 4GB or 512MB)") from None
-    if size <= 0:
-        raise ValueError(f"size must be positive: '{text}'")
-    return int(size)
 
 
 @dataclass
@@ -175,7 +161,7 @@ class _Source:
 
     def chunks(self):
         """Yield ``(frames, latent part)`` as frames are read and encoded."""
-        chunk = GROUP * self.memory.groups_per_step
+        chunk = TEMPORAL_STRIDE * self.memory.groups_per_step
         size = (self.info.width, self.info.height)
         reader = read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk, size=size)
         for frames, stamps in reader:
@@ -207,7 +193,7 @@ class _Source:
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             posterior="sample" if self.options.sample else "mean",
             seed=self.seed if self.options.sample else None,
-            tiling=self.tiling.describe(padded.height // STRIDE, padded.width // STRIDE),
+            tiling=self.tiling.describe(padded.latent()),
         )
 
     def relative_pts(self) -> np.ndarray:
@@ -292,9 +278,9 @@ def decode_latent(
     options: WriteOptions,
     memory: MemoryOptions | None = None,
     progress: Progress | None = None,
-) -> Tiling:
+) -> dict:
     """Decode a latent file into a video file: frame count, size, timestamps and audio restored.
-    Returns the tiling used."""
+    Returns the tiling used, as ``Tiling.describe`` says it."""
     h = data.header
     memory = memory or MemoryOptions()
     tiling = memory.tiling(loaded, h.padded_height, h.padded_width, "decode")
@@ -308,84 +294,21 @@ def decode_latent(
             done += len(frames)
             if progress and len(frames):
                 progress(len(frames))
-    return tiling
+    return tiling.describe(h.padded_size.latent())
 
 
 @dataclass
 class ReconstructResult:
     header: LatentHeader
     metrics: Metrics | None
-    decode_tiling: Tiling
+    decode_tiling: dict  # Tiling.describe
     sizes: dict
-
-
-ERROR_GAIN = 8  # the comparison video's error map: |source - reconstruction| times this
-
-
-class ComparisonWriter:
-    """A video of source | reconstruction | amplified error, side by side."""
-
-    def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction):
-        self.writer = _writer(path, 3 * width, height, frame_rate, time_base, WriteOptions(), None)
-
-    def write(self, source: np.ndarray, reconstruction: np.ndarray, pts: list[int]) -> None:
-        recon = np.rint(np.clip(reconstruction, 0, 1) * 255) / 255
-        error = np.clip(np.abs(source - recon) * ERROR_GAIN, 0, 1)
-        self.writer.write(np.concatenate([source, recon, error], axis=2), pts)
-
-    def __enter__(self) -> ComparisonWriter:
-        return self
-
-    def __exit__(self, *error) -> None:
-        self.writer.__exit__(*error)
 
 
 def _source_bytes(info: VideoInfo, frames: int) -> int | None:
     """The source file's bytes, pro rata when only part of it was used."""
     size = info.path.stat().st_size
     return round(size * min(1.0, frames / info.frames)) if info.frames else size
-
-
-def compare_videos(
-    a: Path,
-    b: Path,
-    *,
-    max_frames: int | None = None,
-    comparison: Path | None = None,
-    lpips: torch.nn.Module | None = None,
-    progress: Progress | None = None,
-) -> tuple[Metrics, dict]:
-    """Metrics of video ``b`` against video ``a``, frame by frame (any two videos, any codec).
-    Returns the metrics and the frame counts; frames past the shorter video are not compared."""
-    info_a, info_b = probe(a), probe(b)
-    if (info_a.width, info_a.height) != (info_b.width, info_b.height):
-        raise InputError(f"{a} is {info_a.width}x{info_a.height} but {b} is {info_b.width}x{info_b.height}")
-    metrics = Metrics(lpips_net=lpips)
-    counts = {"a": 0, "b": 0}
-    first_pts = None
-    side = (
-        ComparisonWriter(comparison, info_a.width, info_a.height, info_a.frame_rate, info_a.time_base)
-        if comparison
-        else nullcontext()
-    )
-    with side as writer:
-        # Both readers yield chunks of the same length, so chunks pair up frame for frame.
-        for chunk_a, chunk_b in zip_longest(
-            read_frames(a, max_frames=max_frames), read_frames(b, max_frames=max_frames)
-        ):
-            counts["a"] += len(chunk_a[0]) if chunk_a else 0
-            counts["b"] += len(chunk_b[0]) if chunk_b else 0
-            if not (chunk_a and chunk_b):
-                continue
-            n = min(len(chunk_a[0]), len(chunk_b[0]))
-            x, y = unit_float(chunk_a[0][:n]), unit_float(chunk_b[0][:n])
-            metrics.update(x, y)
-            first_pts = chunk_a[1][0] if first_pts is None else first_pts
-            if writer:
-                writer.write(x, y, [p - first_pts for p in chunk_a[1][:n]])
-            if progress:
-                progress(n)
-    return metrics, counts
 
 
 def reconstruct_video(
@@ -414,9 +337,9 @@ def reconstruct_video(
     waiting: deque[np.ndarray] = deque()  # source frames (integers) awaiting their reconstruction
     writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
     info = src.info
-    side = (
-        ComparisonWriter(comparison, info.width, info.height, info.frame_rate, info.time_base) if comparison else None
-    )
+    side = None
+    if comparison:
+        side = ComparisonWriter(comparison, info.width, info.height, info.frame_rate, info.time_base)
     done = 0
     with writer or nullcontext(), side or nullcontext():
         for frames, latent in src.chunks():
@@ -443,7 +366,7 @@ def reconstruct_video(
             if progress:
                 progress(len(recon))
     header = src.header()
-    lat = VideoSize(header.padded_frames, header.padded_height, header.padded_width).latent()
+    lat = header.padded_size.latent()
     latent_bytes = 4 * header.z_dim * lat.frames * lat.height * lat.width  # float32, as a latent file holds it
     size = sizes(
         latent_bytes,
@@ -452,4 +375,4 @@ def reconstruct_video(
         header.source_width,
         _source_bytes(info, header.source_frames),
     )
-    return ReconstructResult(header, metrics, tiling, size)
+    return ReconstructResult(header, metrics, tiling.describe(lat), size)

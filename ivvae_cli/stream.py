@@ -3,7 +3,8 @@
 A stream is pushed chunks of any length and returns what they complete, carrying the causal cache
 between steps, so no caller ever holds a whole video. The first frame is a step of its own; after
 it each step takes ``groups_per_step`` groups (4 frames, one latent frame, each), which changes
-speed and memory but not the result.
+speed and memory but not the result. ``encode`` and ``decode`` run whole tensors through a stream;
+``encode_clip`` and ``decode_clip`` run a clip in two steps, the form training differentiates.
 
 Frames too large for memory are split into overlapping tiles (``Tiling``), each with its own causal
 cache, and the tiles' outputs are blended with linear ramps across the overlaps. The caches span the
@@ -12,45 +13,19 @@ whole frame whatever the tiling, so with ``offload`` each tile's cache waits on 
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ivvae_cli.layers import CausalCache
-
-if TYPE_CHECKING:
-    from ivvae_cli.model import IVVAE
-
-GROUP = 4  # frames per latent frame, after the first
-STRIDE = 8  # pixels per latent pixel
-
-
-@dataclass(frozen=True)
-class VideoSize:
-    """Frame count and frame size of a video."""
-
-    frames: int
-    height: int
-    width: int
-
-    def latent(self) -> VideoSize:
-        """The latent's size: 1 + ceil((T - 1) / 4) frames of ceil(H / 8) x ceil(W / 8)."""
-        return VideoSize(
-            1 + math.ceil((self.frames - 1) / GROUP), math.ceil(self.height / STRIDE), math.ceil(self.width / STRIDE)
-        )
-
-    def padded(self) -> VideoSize:
-        """The size the model runs at: 1 + 4k frames, H and W multiples of 8."""
-        lat = self.latent()
-        return VideoSize(1 + GROUP * (lat.frames - 1), STRIDE * lat.height, STRIDE * lat.width)
+from ivvae_cli.model import IVVAE, SPATIAL_STRIDE, TEMPORAL_STRIDE, Posterior, VideoSize
 
 
 @dataclass(frozen=True)
@@ -94,17 +69,13 @@ class Tiling:
             total[a * scale : b * scale] += w
         return [(w / total[a * scale : b * scale]).float() for (a, b), w in zip(spans, raw, strict=True)]
 
-    def describe(self, height: int, width: int) -> dict:
-        """What the latent metadata and reports record (sizes in latent pixels)."""
-        if self.tile is None or (len(self.spans(height)) == 1 and len(self.spans(width)) == 1):
+    def describe(self, latent: VideoSize) -> dict:
+        """What the latent metadata and reports record, for frames of ``latent``'s size (in latent pixels)."""
+        rows, cols = len(self.spans(latent.height)), len(self.spans(latent.width))
+        if self.tile is None or rows == cols == 1:
             return {"tiled": False, "offload": self.offload}
-        return {
-            "tiled": True,
-            "tile": self.tile,
-            "overlap": self.overlap,
-            "tiles": [len(self.spans(height)), len(self.spans(width))],
-            "offload": self.offload,
-        }
+        tiles = [rows, cols]
+        return {"tiled": True, "tile": self.tile, "overlap": self.overlap, "tiles": tiles, "offload": self.offload}
 
 
 # Memory per unit of the model's ``dim``, measured on CPU in float32 (dim 8 and 16, 4-frame steps at 512x512):
@@ -138,16 +109,19 @@ def plan_tiling(
     def working(h: int, w: int) -> float:
         return per_value * WORK_BYTES_PER_PIXEL_FRAME * dim * frames_per_step * min(h, height) * min(w, width)
 
+    def working_tiled(tile: int) -> float:
+        return working(SPATIAL_STRIDE * tile, SPATIAL_STRIDE * tile)
+
     caches = per_value * CACHE_BYTES_PER_PIXEL[direction] * dim * height * width
     if tile is None:
         if working(height, width) + caches + frames <= budget:
             return Tiling()
-        side = max(height, width) // STRIDE
-        fitting = [t for t in TILE_CHOICES if t < side and working(8 * t, 8 * t) + frames <= budget]
+        side = max(height, width) // SPATIAL_STRIDE
+        fitting = [t for t in TILE_CHOICES if t < side and working_tiled(t) + frames <= budget]
         tile = fitting[0] if fitting else TILE_CHOICES[-1]
     overlap = tile // 4 if overlap is None else overlap
     tiled_caches = caches * (1 + overlap / tile) ** 2
-    return Tiling(tile, overlap, offload=working(8 * tile, 8 * tile) + frames + tiled_caches > budget)
+    return Tiling(tile, overlap, offload=working_tiled(tile) + frames + tiled_caches > budget)
 
 
 class _TileRunner:
@@ -167,12 +141,16 @@ class _TileRunner:
         self.height, self.width = height, width
 
     def __call__(self, x: Tensor, step: Callable[[Tensor, CausalCache], Tensor | tuple[Tensor, ...]]) -> list[Tensor]:
+        """``step`` over every tile of ``x``; its outputs (a tensor, or a tuple of them) blended."""
         si, so = self.scale_in, self.scale_out
         out: list[Tensor] = []
         for index, ((r0, r1), (c0, c1), weight) in enumerate(self.tiles):
-            cache = self._load(index)
+            cache = self.caches[index]
+            if self.folder:
+                cache.restore(self.folder / f"{index}.pt")
             ys = step(x[..., r0 * si : r1 * si, c0 * si : c1 * si], cache)
-            self._store(index, cache)
+            if self.folder:
+                cache.offload(self.folder / f"{index}.pt")
             ys = ys if isinstance(ys, tuple) else (ys,)
             if weight is None:
                 return list(ys)
@@ -183,18 +161,6 @@ class _TileRunner:
                 acc[..., r0 * so : r1 * so, c0 * so : c1 * so] += y * w
         return out
 
-    def _load(self, index: int) -> CausalCache:
-        cache = self.caches[index]
-        path = self.folder and self.folder / f"{index}.pt"
-        if path and path.exists():
-            cache.last_frames = dict(zip(cache.last_frames, torch.load(path, weights_only=True), strict=True))
-        return cache
-
-    def _store(self, index: int, cache: CausalCache) -> None:
-        if self.folder:
-            torch.save(list(cache.last_frames.values()), self.folder / f"{index}.pt")
-            cache.last_frames = dict.fromkeys(cache.last_frames)  # keep the keys, in order
-
     def close(self) -> None:
         if self.folder:
             shutil.rmtree(self.folder, ignore_errors=True)
@@ -204,22 +170,75 @@ class _TileRunner:
         self.close()
 
 
-def _take(pending: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    return pending[:, :n], pending[:, n:]
+class _Stream(ABC):
+    """What both directions share: input buffered until a step's worth has arrived, the lone first
+    step, one causal cache per tile, and finishing.
+
+    Subclasses give ``inputs_per_step`` (after the first), the spatial scale from input to output
+    (``scale_in`` to ``scale_out`` pixels per latent pixel), ``_step`` and ``_output_shape``.
+    """
+
+    scale_in: int
+    scale_out: int
+
+    def __init__(self, model: IVVAE, groups_per_step: int, tiling: Tiling | None, inputs_per_step: int):
+        if groups_per_step < 1:
+            raise ValueError(f"groups_per_step must be at least 1, got {groups_per_step}")
+        self.model, self.groups_per_step = model, groups_per_step
+        self.tiling = tiling or Tiling()
+        self.inputs_per_step = inputs_per_step
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.tiles: _TileRunner | None = None
+        self.pending: Tensor | None = None  # frames-major, (B, t, C, H, W), on the model's device
+
+    def _run(self, x: Tensor) -> Tensor:
+        """Buffer ``x`` (frames-major) and run every step it completes; outputs as ``(B, C, t, H, W)``."""
+        if self.pending is not None and self.pending.shape[1]:
+            x = torch.cat([self.pending, x], dim=1)
+        self.pending = x
+        parts = []
+        if self.tiles is None and x.shape[1]:
+            height, width = (n // self.scale_in for n in x.shape[-2:])
+            self.tiles = _TileRunner(self.tiling, height, width, self.scale_in, self.scale_out)
+            parts.append(self._step(self._take(1)))
+        while self.pending.shape[1] >= self.inputs_per_step:
+            parts.append(self._step(self._take(self.inputs_per_step)))
+        return self._collect(parts)
+
+    def _close(self, last: Tensor) -> Tensor:
+        """Run ``last`` (frames-major, possibly empty) as the final step and release the tiles."""
+        parts = [self._step(last)] if last.shape[1] else []
+        if self.pending is not None:
+            self.pending = self.pending[:, :0]
+        if self.tiles is not None:
+            self.tiles.close()
+        return self._collect(parts)
+
+    def _take(self, n: int) -> Tensor:
+        assert self.pending is not None
+        taken, self.pending = self.pending[:, :n], self.pending[:, n:]
+        return taken
+
+    def _collect(self, parts: list[Tensor]) -> Tensor:
+        """Step outputs ``(B, T, C, H, W)`` -> ``(B, C, T, H, W)``."""
+        if parts:
+            return torch.cat(parts, dim=1).transpose(1, 2)
+        assert self.pending is not None
+        b, _, _, h, w = self.pending.shape
+        channels, height, width = self._output_shape(h, w)
+        return self.pending.new_empty(b, channels, 0, height, width)
+
+    @abstractmethod
+    def _step(self, x: Tensor) -> Tensor:
+        """One model step over every tile: frames-major in, frames-major out."""
+
+    @abstractmethod
+    def _output_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Channels, height and width out for inputs of ``height`` x ``width``."""
 
 
-def _collect(parts: list[Tensor], empty: Tensor) -> Tensor:
-    """Concatenate step outputs ``(B, T, C, H, W)`` into ``(B, C, T, H, W)``."""
-    return torch.cat(parts, dim=1).transpose(1, 2) if parts else empty.transpose(1, 2)
-
-
-def _check_groups(groups_per_step: int) -> int:
-    if groups_per_step < 1:
-        raise ValueError(f"groups_per_step must be at least 1, got {groups_per_step}")
-    return groups_per_step
-
-
-class StreamEncoder:
+class StreamEncoder(_Stream):
     """Frames in, latent frames out.
 
     ``push(video)`` takes ``(B, 3, t, H, W)`` in [-1, 1] (any t, the same B, H, W every time) and
@@ -228,6 +247,8 @@ class StreamEncoder:
     mean unless ``sample``; sampled noise is drawn frame by frame, so it too does not depend on
     ``groups_per_step``.
     """
+
+    scale_in, scale_out = SPATIAL_STRIDE, 1
 
     def __init__(
         self,
@@ -238,13 +259,10 @@ class StreamEncoder:
         groups_per_step: int = 1,
         tiling: Tiling | None = None,
     ):
-        self.model, self.sample, self.generator = model, sample, generator
-        self.groups_per_step = _check_groups(groups_per_step)
-        self.tiling = tiling or Tiling()
-        self.tiles: _TileRunner | None = None
+        super().__init__(model, groups_per_step, tiling, TEMPORAL_STRIDE * groups_per_step)
+        self.sample, self.generator = sample, generator
         self.frames_in = 0
         self.shape: tuple[int, int, int] | None = None  # batch, height, width
-        self.pending: Tensor | None = None
 
     @property
     def size(self) -> VideoSize:
@@ -261,68 +279,43 @@ class StreamEncoder:
             self.shape = (b, h, w)
         elif self.shape != (b, h, w):
             raise ValueError(f"chunk of batch, height, width {(b, h, w)} after {self.shape}")
-        param = next(self.model.parameters())
-        frames = video.to(device=param.device, dtype=param.dtype).transpose(1, 2)
-        pad_h, pad_w = -h % STRIDE, -w % STRIDE
-        if pad_h or pad_w:
-            frames = F.pad(frames.flatten(0, 1), (0, pad_w, 0, pad_h), mode="replicate").unflatten(0, (b, t))
+        frames = video.to(device=self.device, dtype=self.dtype).transpose(1, 2)
+        padded = VideoSize(1, h, w).padded()
+        if (padded.height, padded.width) != (h, w):
+            pad = (0, padded.width - w, 0, padded.height - h)
+            frames = F.pad(frames.flatten(0, 1), pad, mode="replicate").unflatten(0, (b, t))
         self.frames_in += t
-        self.pending = (
-            frames if self.pending is None or not self.pending.shape[1] else torch.cat([self.pending, frames], 1)
-        )
-        parts = []
-        if self.tiles is None and self.pending.shape[1] >= 1:
-            height, width = (n // STRIDE for n in self.pending.shape[-2:])
-            self.tiles = _TileRunner(self.tiling, height, width, scale_in=STRIDE, scale_out=1)
-            first, self.pending = _take(self.pending, 1)
-            parts.append(self._step(first))
-        step = GROUP * self.groups_per_step
-        while self.pending.shape[1] >= step:
-            chunk, self.pending = _take(self.pending, step)
-            parts.append(self._step(chunk))
-        return _collect(parts, self._empty())
+        return self._run(frames)
 
     def finish(self) -> Tensor:
         """Encode what is left, padding the last group by repeating the last frame."""
         if self.pending is None or self.frames_in == 0:
             raise ValueError("no frames were pushed")
-        rest, self.pending = self.pending, self.pending[:, :0]
-        parts = []
+        rest = self.pending
+        missing = -rest.shape[1] % TEMPORAL_STRIDE
         if rest.shape[1]:
-            missing = -rest.shape[1] % GROUP
-            parts.append(self._step(torch.cat([rest, rest[:, -1:].expand(-1, missing, -1, -1, -1)], dim=1)))
-        if self.tiles is not None:
-            self.tiles.close()
-        return _collect(parts, self._empty())
+            rest = torch.cat([rest, rest[:, -1:].expand(-1, missing, -1, -1, -1)], dim=1)
+        return self._close(rest)
 
     def _step(self, frames: Tensor) -> Tensor:
         assert self.tiles is not None
-        mu, logvar = self.tiles(frames, self.model.encode_step)
-        z = mu
-        if self.sample:
-            noise = torch.stack(
-                [
-                    torch.randn(mu[:, i].shape, generator=self.generator, device=mu.device, dtype=mu.dtype)
-                    for i in range(mu.shape[1])
-                ],
-                dim=1,
-            )
-            z = mu + torch.exp(0.5 * logvar) * noise
-        return self.model.scale_factor * (z - self.model.shift_factor)
+        posterior = Posterior(*self.tiles(frames, self.model.encode_step))
+        z = posterior.sample(self.generator, frame_by_frame=True) if self.sample else posterior.mode()
+        return self.model.scale_latent(z)
 
-    def _empty(self) -> Tensor:
-        assert self.pending is not None
-        b, _, _, h, w = self.pending.shape
-        return self.pending.new_empty(b, 0, self.model.z_dim, h // STRIDE, w // STRIDE)
+    def _output_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.model.z_dim, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE
 
 
-class StreamDecoder:
+class StreamDecoder(_Stream):
     """Latent frames in, video frames out.
 
     ``push(latent)`` takes ``(B, z_dim, t', h, w)`` and returns the frames ``(B, 3, t, H, W)`` it
     completes: 1 for the first latent frame, 4 for each after it. With ``size``, frames are cropped
     to that size and no frame past ``size.frames`` is returned; ``finish()`` checks the count.
     """
+
+    scale_in, scale_out = 1, SPATIAL_STRIDE
 
     def __init__(
         self,
@@ -332,13 +325,9 @@ class StreamDecoder:
         groups_per_step: int = 1,
         tiling: Tiling | None = None,
     ):
-        self.model = model
+        super().__init__(model, groups_per_step, tiling, groups_per_step)
         self.size = VideoSize(*size) if size is not None else None
-        self.groups_per_step = _check_groups(groups_per_step)
-        self.tiling = tiling or Tiling()
-        self.tiles: _TileRunner | None = None
         self.frames_out = 0
-        self.pending: Tensor | None = None
 
     def push(self, latent: Tensor) -> Tensor:
         _, z, _, h, w = latent.shape
@@ -349,30 +338,13 @@ class StreamDecoder:
             raise ValueError(
                 f"latent is {h}x{w}, but a {self.size.height}x{self.size.width} video needs {want.height}x{want.width}"
             )
-        param = next(self.model.parameters())
-        latent = latent.to(device=param.device, dtype=param.dtype).transpose(1, 2)
-        self.pending = (
-            latent if self.pending is None or not self.pending.shape[1] else torch.cat([self.pending, latent], 1)
-        )
-        parts = []
-        if self.tiles is None and self.pending.shape[1] >= 1:
-            self.tiles = _TileRunner(self.tiling, *self.pending.shape[-2:], scale_in=1, scale_out=STRIDE)
-            first, self.pending = _take(self.pending, 1)
-            parts.append(self._step(first))
-        while self.pending.shape[1] >= self.groups_per_step:
-            chunk, self.pending = _take(self.pending, self.groups_per_step)
-            parts.append(self._step(chunk))
-        return _collect(parts, self._empty())
+        return self._run(latent.to(device=self.device, dtype=self.dtype).transpose(1, 2))
 
     def finish(self) -> Tensor:
         """Decode what is left; with ``size``, check that every frame was produced."""
         if self.pending is None:
             raise ValueError("no latent frames were pushed")
-        parts = [self._step(self.pending)] if self.pending.shape[1] else []
-        self.pending = self.pending[:, :0]
-        if self.tiles is not None:
-            self.tiles.close()
-        out = _collect(parts, self._empty())
+        out = self._close(self.pending)
         if self.size is not None and self.frames_out < self.size.frames:
             raise ValueError(f"latent decodes to {self.frames_out} frames, fewer than the {self.size.frames} expected")
         return out
@@ -386,9 +358,63 @@ class StreamDecoder:
         self.frames_out += frames.shape[1]
         return frames
 
-    def _empty(self) -> Tensor:
-        assert self.pending is not None
-        b, _, _, h, w = self.pending.shape
+    def _output_shape(self, height: int, width: int) -> tuple[int, int, int]:
         if self.size is not None:
-            return self.pending.new_empty(b, 0, 3, self.size.height, self.size.width)
-        return self.pending.new_empty(b, 0, 3, h * STRIDE, w * STRIDE)
+            return 3, self.size.height, self.size.width
+        return 3, height * SPATIAL_STRIDE, width * SPATIAL_STRIDE
+
+
+def encode(
+    model: IVVAE,
+    video: Tensor,
+    *,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+    groups_per_step: int = 1,
+    tiling: Tiling | None = None,
+) -> Tensor:
+    """Video ``(B, 3, T, H, W)`` in [-1, 1] -> latent ``(B, z_dim, T', h, w)``, in one stream.
+
+    The posterior mean unless ``sample``. Any T >= 1, H, W: the last frame is repeated up to
+    1 + 4k frames and edges are replicated up to multiples of 8; ``decode(..., size=(T, H, W))``
+    gives the exact size back.
+    """
+    stream = StreamEncoder(model, sample=sample, generator=generator, groups_per_step=groups_per_step, tiling=tiling)
+    return torch.cat([stream.push(video), stream.finish()], dim=2)
+
+
+def decode(
+    model: IVVAE,
+    latent: Tensor,
+    *,
+    size: VideoSize | tuple[int, int, int] | None = None,
+    groups_per_step: int = 1,
+    tiling: Tiling | None = None,
+) -> Tensor:
+    """Latent ``(B, z_dim, T', h, w)`` -> video ``(B, 3, T, H, W)``, not clamped, in one stream.
+
+    Without ``size``, T = 1 + 4 (T' - 1), H = 8h, W = 8w; with it, cropped to ``(T, H, W)``.
+    """
+    stream = StreamDecoder(model, size=size, groups_per_step=groups_per_step, tiling=tiling)
+    return torch.cat([stream.push(latent), stream.finish()], dim=2)
+
+
+def encode_clip(model: IVVAE, clip: Tensor) -> Posterior:
+    """The posterior of a clip ``(B, T, 3, H, W)`` (T = 1 + 4k; H, W multiples of 8), frames-major,
+    in two steps: the first frame, then every group at once. No padding, no tiles: the form
+    training differentiates, and the same function as a stream."""
+    cache = CausalCache()
+    steps = [model.encode_step(clip[:, :1], cache)]
+    if clip.shape[1] > 1:
+        steps.append(model.encode_step(clip[:, 1:], cache))
+    return Posterior(*(torch.cat(parts, dim=1) for parts in zip(*steps, strict=True)))
+
+
+def decode_clip(model: IVVAE, latent: Tensor) -> Tensor:
+    """Frames ``(B, T, 3, H, W)`` of a scaled latent ``(B, T', z_dim, h, w)``, frames-major, in two
+    steps (see ``encode_clip``)."""
+    cache = CausalCache()
+    frames = [model.decode_step(latent[:, :1], cache)]
+    if latent.shape[1] > 1:
+        frames.append(model.decode_step(latent[:, 1:], cache))
+    return torch.cat(frames, dim=1)

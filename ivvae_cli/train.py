@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ivvae_cli.errors import InputError
-from ivvae_cli.layers import CausalCache
+from ivvae_cli.errors import InputError, IvvaeError, OutputError
 from ivvae_cli.metrics import ssim_torch
-from ivvae_cli.model import IVVAE
+from ivvae_cli.model import IVVAE, SPATIAL_STRIDE, TEMPORAL_STRIDE, Posterior
+from ivvae_cli.stream import decode_clip, encode_clip
 from ivvae_cli.video import probe, read_frames, resized, unit_float
 from ivvae_cli.weights import architecture, check_fit, latent_factors, read_checkpoint
 
@@ -68,6 +68,15 @@ class TrainConfig:
     eval_every: int = 250
     checkpoint_every: int = 250
 
+    def __post_init__(self) -> None:
+        if self.phase not in ("image", "video"):
+            raise IvvaeError(f"the phase is image or video, not '{self.phase}'")
+        if (self.clip_frames - 1) % TEMPORAL_STRIDE or self.crop % SPATIAL_STRIDE:
+            raise IvvaeError(
+                f"clips take 1 + {TEMPORAL_STRIDE}k frames and crops a multiple of {SPATIAL_STRIDE} pixels, "
+                f"got {self.clip_frames} frames and {self.crop}"
+            )
+
 
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The rate of optimizer step ``step`` (0-based)."""
@@ -80,6 +89,20 @@ def saved_config(folder: Path) -> TrainConfig | None:
     """The configuration of the run in ``folder``, if there is one."""
     path = folder / "config.json"
     return TrainConfig(**json.loads(path.read_text())) if path.exists() else None
+
+
+def run_config(folder: Path, new: TrainConfig | None, steps: int | None = None) -> TrainConfig:
+    """What runs in ``folder``: ``new``, refused over a run already there; or with ``new`` None, the
+    saved run resumed, its total ``steps`` grown if given."""
+    existing = saved_config(folder)
+    if new is not None:
+        if existing is not None:
+            raise OutputError(f"{folder} holds a run already: --resume continues it, or choose another --out")
+        return new
+    if existing is None:
+        raise InputError(f"nothing to resume in {folder}")
+    existing.steps = steps or existing.steps
+    return existing
 
 
 def manifest_videos(manifest: Path, split: str) -> list[str]:
@@ -118,30 +141,14 @@ class FrameBank:
         return torch.stack(clips).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
 
 
-def encode_clip(model: IVVAE, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior ``(mu, logvar)`` of a whole clip ``(B, T, 3, H, W)``, in two steps: the first
-    frame, then all its groups at once."""
-    cache = CausalCache()
-    steps = [model.encode_step(clip[:, :1], cache)]
-    if clip.shape[1] > 1:
-        steps.append(model.encode_step(clip[:, 1:], cache))
-    mu, logvar = (torch.cat(parts, dim=1) for parts in zip(*steps, strict=True))
-    return mu, logvar
-
-
-def reconstruct_clip(model: IVVAE, clip: torch.Tensor, generator: torch.Generator | None):
-    """Encode and decode a clip ``(B, T, 3, H, W)`` with gradients; returns (frames, mu, logvar).
-    With ``generator`` the latent is a posterior sample, else the mean."""
-    mu, logvar = encode_clip(model, clip)
-    z = mu
-    if generator is not None:
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device)
-    latent = model.scale_factor * (z - model.shift_factor)
-    cache = CausalCache()
-    frames = [model.decode_step(latent[:, :1], cache)]
-    if latent.shape[1] > 1:
-        frames.append(model.decode_step(latent[:, 1:], cache))
-    return torch.cat(frames, dim=1), mu, logvar
+def reconstruct_clip(
+    model: IVVAE, clip: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, Posterior]:
+    """Encode and decode a clip ``(B, T, 3, H, W)`` with gradients; returns the frames and the
+    posterior. With ``generator`` the latent is a posterior sample, else the mean."""
+    posterior = encode_clip(model, clip)
+    z = posterior.mode() if generator is None else posterior.sample(generator)
+    return decode_clip(model, model.scale_latent(z)), posterior
 
 
 def _unit_frames(clip: torch.Tensor) -> torch.Tensor:
@@ -153,13 +160,13 @@ PSNR_FLOOR_MSE = 1e-5  # caps the PSNR term near 50 dB, so flat crops do not tak
 
 
 def loss_terms(model: IVVAE, clip: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict:
-    recon, mu, logvar = reconstruct_clip(model, clip, generator)
+    recon, posterior = reconstruct_clip(model, clip, generator)
     error = recon - clip
     frame_mse = error.float().pow(2).flatten(2).mean(dim=2)  # (B, T): frames are of one size
     l1, mse = error.abs().mean(), frame_mse.mean()
     psnr = (-10 * torch.log10(frame_mse / 4 + PSNR_FLOOR_MSE)).mean()  # /4: the [0, 1] scale
     ssim = ssim_torch(_unit_frames(recon).clamp(0, 1), _unit_frames(clip)).mean()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
+    kl = posterior.kl()
     total = l1 + config.mse_weight * mse - config.psnr_weight * psnr + config.ssim_weight * (1 - ssim)
     total = total + config.kl_weight * kl
     return {"loss": total, "l1": l1, "mse": mse, "psnr": psnr, "ssim": ssim, "kl": kl}
@@ -170,7 +177,7 @@ def evaluate(model: IVVAE, clips: list[torch.Tensor]) -> dict[str, float]:
     psnrs, ssims = [], []
     with torch.no_grad():
         for clip in clips:
-            recon, _, _ = reconstruct_clip(model, clip, None)
+            recon, _ = reconstruct_clip(model, clip, None)
             a = ((clip + 1) * 127.5).round() / 255
             b = ((recon.clamp(-1, 1) + 1) * 127.5).round() / 255
             mse = (a - b).pow(2).flatten(2).mean(dim=2)
@@ -344,6 +351,6 @@ class Trainer:
         rng = np.random.default_rng(999)
         with torch.no_grad():
             clip = self.bank.sample(rng, 4, self.frames, self.config.crop).to(self.device)
-            values = encode_clip(self.model, clip)[0].float()
+            values = encode_clip(self.model, clip).mean.float()
         std = values.std().item()
         return (1 / std if std > 0 and math.isfinite(std) else 1.0), values.mean().item()

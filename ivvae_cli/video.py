@@ -100,6 +100,25 @@ def probe(path: str | Path) -> VideoInfo:
         )
 
 
+def describe_video(path: Path) -> dict:
+    """What ``ivvae info`` shows of a video."""
+    v = probe(path)
+    return {
+        "kind": "video",
+        "file": str(path),
+        "codec": v.codec,
+        "pixel_format": v.pixel_format,
+        "bit_depth": v.bit_depth,
+        "size": [v.width, v.height],
+        "frames": v.frames,
+        "frame_rate": str(v.frame_rate),
+        "duration_s": v.duration,
+        "rotation": v.rotation,
+        "audio": v.audio,
+        "file_bytes": path.stat().st_size,
+    }
+
+
 def _codec_name(stream: av.stream.Stream) -> str:
     """The format's name for a stream's codec (``mp3``, not the decoder's ``mp3float``)."""
     return stream.codec_context.codec.canonical_name

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
-from ivvae_cli.errors import WeightsError
+from ivvae_cli.errors import OutputError, WeightsError
 from ivvae_cli.model import IVVAE
 from ivvae_cli.outputs import atomic_output
 
@@ -224,6 +224,8 @@ def verify_checkpoint(path: str | Path, expect: Variant | None = None) -> Checkp
 def convert_checkpoint(source: str | Path, target: Path, dtype: torch.dtype = torch.float32, force: bool = False):
     """Write a verified checkpoint as safetensors in ``dtype``, with its variant, scale and shift as
     metadata, atomically. In float32 the values, and so the outputs, are bit-identical."""
+    if target.suffix != ".safetensors":
+        raise OutputError(f"{target} should end in .safetensors")
     source = Path(source)
     state, metadata = read_checkpoint(source)
     report = verify_state(state, metadata, source)

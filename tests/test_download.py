@@ -140,6 +140,7 @@ def published_state(name: str) -> dict[str, torch.Tensor]:
     return {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in keys.items()}
 
 
+@pytest.mark.e2e
 def test_cli_download_of_a_published_variant_resumes_across_runs(tmp_path, server, monkeypatch):
     """The real z4_dim64 layout (107M parameters): the first run is cut and the server then fails;
     the second run resumes from the kept bytes; the result is bit-identical and verified."""
@@ -169,6 +170,7 @@ def test_cli_download_of_a_published_variant_resumes_across_runs(tmp_path, serve
     assert code == 0 and len(server.ranges) == 3
 
 
+@pytest.mark.e2e
 def test_cli_download_refuses_unknown_names(tmp_path):
     code, _, err = ivvae("weights", "download", "z32_dim64")
     assert code == 1 and "published are ivvae_z16_dim64" in err

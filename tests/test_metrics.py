@@ -15,6 +15,8 @@ from ivvae_cli.cli import app
 from .conftest import VIDEOS
 from .media import FFMPEG, ffmpeg_frames, pattern, write_frames
 
+pytestmark = pytest.mark.e2e  # measured through `ivvae compare`
+
 
 def compare(*args) -> tuple[int, dict, str]:
     result = CliRunner().invoke(app, ["compare", *map(str, args), "-q", "--json", "-"])

