@@ -336,7 +336,7 @@ class StreamDecoder(_Stream):
         tiling: Tiling | None = None,
     ):
         super().__init__(model, groups_per_step, tiling, groups_per_step)
-        self.size = VideoSize(*size) if size is not None else None
+        self.size = VideoSize(*size) if isinstance(size, tuple) else size
         self.frames_out = 0
 
     def push(self, latent: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ivvae_cli.model import VideoSize
 from ivvae_cli.stream import StreamDecoder, StreamEncoder, Tiling, decode, encode, plan_tiling
 
 
@@ -139,3 +140,12 @@ def test_the_readme_library_example_runs(monkeypatch, tmp_path):
     monkeypatch.delenv("IVVAE_WEIGHTS", raising=False)
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
+
+
+def test_decode_takes_a_video_size(small_model, clip):
+    """``size`` is a ``VideoSize`` or a tuple, as its type says."""
+    with torch.inference_mode():
+        latent = encode(small_model, clip[:, :, :6, :45, :77])
+        as_tuple = decode(small_model, latent, size=(6, 45, 77))
+        assert as_tuple.shape[2:] == (6, 45, 77)
+        assert torch.equal(decode(small_model, latent, size=VideoSize(6, 45, 77)), as_tuple)
