@@ -20,10 +20,22 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from ivvae_cli.errors import InputError, OutputError
+
+try:
+    import av
+except ImportError as missing:  # the model, streams and latent files need no PyAV (a GPU box without it, say)
+    _AV_MISSING = str(missing)
+
+    class _NoPyAV:
+        """Stands in for PyAV where it is not installed: video I/O fails at its first use, saying why."""
+
+        def __getattr__(self, name: str):
+            raise ModuleNotFoundError(f"reading or writing video needs PyAV (pip install av): {_AV_MISSING}")
+
+    av = _NoPyAV()
 
 
 @dataclass
