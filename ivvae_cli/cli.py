@@ -38,8 +38,10 @@ from ivvae_cli.pipeline import (
     WriteOptions,
     check_model_matches,
     decode_latent,
+    default_dtype,
     encode_video,
     expected_frames,
+    prepare_device,
     reconstruct_video,
     select_device,
 )
@@ -79,8 +81,15 @@ WeightsOpt = Annotated[
     Path | None, typer.Option("--weights", "-w", help="Checkpoint file (.pth or .safetensors) or model name.")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-GroupsOpt = Annotated[int, typer.Option(min=1, help="Frame groups (4 frames each) per model step.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")]
+GroupsOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Frame groups (4 frames each) per model step (default: 1 on CPU; on CUDA up to 4, "
+        "as many as need no finer tiles than 1).",
+    ),
+]
 MemoryOpt = Annotated[
     str | None, typer.Option(help="Memory budget beside the weights, e.g. 4GB (default: most of what is free).")
 ]
@@ -156,11 +165,11 @@ def _model_and_memory(
     max_memory: str | None = None,
     tile: int | None = None,
     overlap: int | None = None,
-    groups_per_step: int = 1,
+    groups_per_step: int | None = None,
 ) -> tuple[LoadedModel, MemoryOptions]:
     """The model, on its device and in its dtype, and the memory options: what every command that
     runs the model takes alike. Says once which model it uses."""
-    torch_dtype = _dtype(dtype)
+    torch_dtype = None if dtype == "auto" else _dtype(dtype)
     try:
         budget = parse_size(max_memory) if max_memory is not None else None
     except ValueError as e:
@@ -168,10 +177,14 @@ def _model_and_memory(
     if tile is not None and overlap is not None and overlap >= tile:
         raise IvvaeError(f"--tile-overlap ({overlap}) must be smaller than --tile-size ({tile})")
     target = select_device(device)
+    prepare_device(target)
+    torch_dtype = torch_dtype or default_dtype(target)
     loaded = load_model(find_weights(weights, model), device=target, dtype=torch_dtype)
     if not quiet:
         where = "the bundled small model" if loaded.path == BUNDLED else loaded.path
-        stderr.print(f"model {loaded.name} ({where}) on {target}, {dtype}", highlight=False)
+        stderr.print(
+            f"model {loaded.name} ({where}) on {target}, {str(torch_dtype).removeprefix('torch.')}", highlight=False
+        )
     return loaded, MemoryOptions(budget, tile, overlap, groups_per_step)
 
 
@@ -230,7 +243,7 @@ def encode(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     start: StartOpt = 0.0,
     frames: FramesOpt = None,
     duration: DurationOpt = None,
@@ -240,7 +253,7 @@ def encode(
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
-    groups_per_step: GroupsOpt = 1,
+    groups_per_step: GroupsOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
@@ -288,14 +301,14 @@ def decode(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
-    groups_per_step: GroupsOpt = 1,
+    groups_per_step: GroupsOpt = None,
     ext: Annotated[str, typer.Option(help="With a folder or glob: the container of the videos written.")] = "mp4",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -380,7 +393,7 @@ def reconstruct(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     start: StartOpt = 0.0,
     frames: FramesOpt = None,
     duration: DurationOpt = None,
@@ -393,7 +406,7 @@ def reconstruct(
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
-    groups_per_step: GroupsOpt = 1,
+    groups_per_step: GroupsOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
@@ -661,11 +674,11 @@ def dataset_encode(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
-    groups_per_step: GroupsOpt = 1,
+    groups_per_step: GroupsOpt = None,
     workers: Annotated[int, typer.Option(min=0, help="Processes decoding video beside the model (0: in turn).")] = 2,
     max_errors: Annotated[int, typer.Option(min=0, help="Exit non-zero when more sources than this fail.")] = 0,
     overwrite: Annotated[

@@ -777,14 +777,14 @@ class _Job:
     def _stream(self, source: Source, message: dict[str, Any]) -> _OpenStream:
         crop = message["geometry"]["crop"]
         padded = VideoSize(1, crop[3], crop[2]).padded()
-        tiling = self.memory.tiling(self.loaded, padded.height, padded.width, "encode", share=1 / self.streams)
+        groups, tiling = self.memory.plan(self.loaded, padded.height, padded.width, "encode", share=1 / self.streams)
         options = self.spec.options
         generator = None
         if options.posterior == "sample":
             generator = torch.Generator(self.device).manual_seed(clip_seed(options.seed, source, message["start"]))
         stream = StreamEncoder(
             self.loaded.model, sample=options.posterior == "sample", generator=generator,
-            groups_per_step=self.memory.groups_per_step, tiling=tiling, with_logvar=options.posterior == "both",
+            groups_per_step=groups, tiling=tiling, with_logvar=options.posterior == "both",
         )  # fmt: skip
         return _OpenStream(stream, time.perf_counter())
 

@@ -47,6 +47,36 @@ def select_device(name: str) -> torch.device:
     return device
 
 
+# Defaults by device. On CPU they are measured (README "Speed"): float32, one frame group per step.
+# CUDA's were chosen before any GPU ran this model, from CPU measurements of bfloat16's loss on real
+# clips (README "GPU defaults"), and await confirmation by benchmarks/gpu_check.py on a GPU.
+CUDA_DTYPE = torch.bfloat16
+CUDA_MAX_GROUPS_PER_STEP = 4
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """``--dtype auto``: float32 on CPU (bfloat16 is slower there, and outputs stay bit-identical to
+    earlier releases), ``CUDA_DTYPE`` on CUDA, where tensor cores run it and its loss was negligible."""
+    return CUDA_DTYPE if device.type == "cuda" else torch.float32
+
+
+def default_groups_per_step(device: torch.device, tiling: Callable[[int], Tiling]) -> int:
+    """Groups per step when none were asked for: one on CPU (more are slower there); on CUDA, where a
+    few frames leave the GPU idle, the most up to ``CUDA_MAX_GROUPS_PER_STEP`` that cut the frame no
+    finer than one group does (``tiling(groups)``), since smaller tiles cost more than they gain."""
+    if device.type != "cuda":
+        return 1
+    one = tiling(1)
+    return next(g for g in range(CUDA_MAX_GROUPS_PER_STEP, 0, -1) if g == 1 or tiling(g) == one)
+
+
+def prepare_device(device: torch.device) -> None:
+    """cuDNN autotuning on CUDA: a stream repeats the same few convolution shapes (the first step,
+    then full steps, per tile), so timing each shape's algorithms once pays back within a video."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 @dataclass
 class EncodeOptions:
     """Which part of the source to encode, and how."""
@@ -66,23 +96,33 @@ class MemoryOptions:
     max_memory: int | None = None  # bytes beside the weights; None: most of what the device has free
     tile: int | None = None  # latent pixels; None: chosen from the budget
     overlap: int | None = None  # latent pixels
-    groups_per_step: int = 1
+    groups_per_step: int | None = None  # None: by device (default_groups_per_step)
 
-    def tiling(self, loaded: LoadedModel, height: int, width: int, direction: str, share: float = 1.0) -> Tiling:
-        """The tiling for frames of ``height`` x ``width`` (padded) pixels within ``share`` of the budget."""
+    def plan(
+        self, loaded: LoadedModel, height: int, width: int, direction: str, share: float = 1.0
+    ) -> tuple[int, Tiling]:
+        """Groups per step and tiling for frames of ``height`` x ``width`` (padded) pixels within
+        ``share`` of the budget."""
         param = next(loaded.model.parameters())
         budget = self.max_memory if self.max_memory is not None else int(0.8 * available_memory(param.device))
-        return plan_tiling(
-            loaded.model.dim,
-            height,
-            width,
-            frames_per_step=TEMPORAL_STRIDE * self.groups_per_step,
-            budget=int(budget * share),
-            direction=direction,
-            bytes_per_value=param.element_size(),
-            tile=self.tile,
-            overlap=self.overlap,
-        )
+
+        def tiling(groups: int) -> Tiling:
+            return plan_tiling(
+                loaded.model.dim,
+                height,
+                width,
+                frames_per_step=TEMPORAL_STRIDE * groups,
+                budget=int(budget * share),
+                direction=direction,
+                bytes_per_value=param.element_size(),
+                tile=self.tile,
+                overlap=self.overlap,
+            )
+
+        groups = self.groups_per_step
+        if groups is None:
+            groups = default_groups_per_step(param.device, tiling)
+        return groups, tiling(groups)
 
 
 def available_memory(device: torch.device) -> int:
@@ -146,7 +186,7 @@ class _Source:
         self.info = replace(info, width=width, height=height)  # what the model sees
         self.limit = _frame_limit(self.info, options)
         self.padded = VideoSize(1, self.info.height, self.info.width).padded()  # frame size the model runs at
-        self.tiling = memory.tiling(loaded, self.padded.height, self.padded.width, "encode", share)
+        self.groups, self.tiling = memory.plan(loaded, self.padded.height, self.padded.width, "encode", share)
         device = next(loaded.model.parameters()).device
         self.seed = options.seed if options.seed is not None else secrets.randbits(31)
         generator = torch.Generator(device=device).manual_seed(self.seed) if options.sample else None
@@ -154,14 +194,14 @@ class _Source:
             loaded.model,
             sample=options.sample,
             generator=generator,
-            groups_per_step=memory.groups_per_step,
+            groups_per_step=self.groups,
             tiling=self.tiling,
         )
         self.pts: list[int] = []
 
     def chunks(self):
         """Yield ``(frames, latent part)`` as frames are read and encoded."""
-        chunk = TEMPORAL_STRIDE * self.memory.groups_per_step
+        chunk = TEMPORAL_STRIDE * self.groups
         size = (self.info.width, self.info.height)
         reader = read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk, size=size)
         for frames, stamps in reader:
@@ -283,9 +323,9 @@ def decode_latent(
     Returns the tiling used, as ``Tiling.describe`` says it."""
     h = data.header
     memory = memory or MemoryOptions()
-    tiling = memory.tiling(loaded, h.padded_height, h.padded_width, "decode")
+    groups, tiling = memory.plan(loaded, h.padded_height, h.padded_width, "decode")
     size = (h.source_frames, h.source_height, h.source_width)
-    stream = StreamDecoder(loaded.model, size=size, groups_per_step=memory.groups_per_step, tiling=tiling)
+    stream = StreamDecoder(loaded.model, size=size, groups_per_step=groups, tiling=tiling)
     rate, time_base = Fraction(h.frame_rate), Fraction(h.time_base)
     done = 0
     with _writer(output, h.source_width, h.source_height, rate, time_base, options, data.audio) as writer:
@@ -331,8 +371,8 @@ def reconstruct_video(
     """
     memory = memory or MemoryOptions()
     src = _Source(source, loaded, options, memory, share=0.5)  # encoder and decoder run side by side
-    tiling = memory.tiling(loaded, src.padded.height, src.padded.width, "decode", share=0.5)
-    decoder = StreamDecoder(loaded.model, groups_per_step=memory.groups_per_step, tiling=tiling)
+    groups, tiling = memory.plan(loaded, src.padded.height, src.padded.width, "decode", share=0.5)
+    decoder = StreamDecoder(loaded.model, groups_per_step=groups, tiling=tiling)
     metrics = Metrics(lpips_net=lpips) if measure else None
     waiting: deque[np.ndarray] = deque()  # source frames (integers) awaiting their reconstruction
     writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
