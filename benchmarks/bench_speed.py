@@ -8,7 +8,8 @@ Paths, all on the same random weights and the same input:
   einops), as their ``rec_video.py`` runs it (posterior mean, so the outputs compare);
 - ``plain``: our model run as the authors run theirs: one frame group at a time, whole frames, float32;
 - ``fast``: our model as ``ivvae`` runs it (``--groups-per-step``, default 1 as in ``ivvae``: more
-  groups per step cost memory and, on CPU, speed; on CUDA, bfloat16 decode and optional ``--compile``).
+  groups per step cost memory and, on CPU, speed; on CUDA, bfloat16 decode and optional ``--compile``,
+  whose first call, tracing and compiling every step shape, is reported apart as ``compile_s``).
 Each path and direction runs in its own process, so peak memory is its own. Reported: seconds,
 frames/s, achieved GFLOP/s (the model's convolution and attention FLOPs, counted once on the meta
 device, the same for every path), that as a share of this machine's measured float32 matrix-multiply
@@ -101,11 +102,14 @@ def worker(args) -> None:
         def run(z):
             return decode(model, z, groups_per_step=groups)
 
+    compiled = args.path == "fast" and args.compile
     with torch.inference_mode():
-        run(x[:, :, :1])  # warm-up: kernels and their plans
+        start = time.perf_counter()
+        run(x if compiled else x[:, :, :1])  # warm-up: kernels and their plans; compiled, every step's graph
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        compile_seconds = time.perf_counter() - start if compiled else None
         start = time.perf_counter()
         out = run(x)
         if cuda:
@@ -117,6 +121,7 @@ def worker(args) -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "dtype": str(dtype).removeprefix("torch."),
+        "compile_seconds": compile_seconds,
     }))  # fmt: skip
 
 
@@ -182,6 +187,8 @@ def main() -> None:
                     "peak_rss_mib": round(figures["peak_rss_mib"]),
                     "peak_gpu_mib": figures["peak_gpu_mib"] and round(figures["peak_gpu_mib"]),
                 }
+                if figures["compile_seconds"] is not None:  # the first call, apart from the steady one above
+                    row["compile_s"] = round(figures["compile_seconds"], 2)
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
             reference = "plain" if "plain" in paths else "authors"
