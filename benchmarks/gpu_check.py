@@ -384,11 +384,11 @@ def eval_frames(frames: int, short_side: int, crop: int) -> list[tuple[str, np.n
 
 
 def real_clips(cfg: Config) -> list[tuple[str, np.ndarray]]:
-    """The frames ``--prepare`` stored, else decoded from ../shared/videos (needs PyAV)."""
+    """The frames ``--prepare`` stored for this size, else decoded from ../shared/videos (needs PyAV)."""
     frames, short_side, crop = cfg.dtype_clip
-    stored = sorted((cfg.data / "frames").glob("*.npz"))
-    if stored:
-        return [(p.stem, np.load(p)["frames"][:frames]) for p in stored]
+    stored = [(p.stem, np.load(p)["frames"]) for p in sorted((cfg.data / "frames").glob("*.npz"))]
+    if stored and all(clip.shape[1:3] == (crop, crop) and len(clip) >= frames for _, clip in stored):
+        return [(name, clip[:frames]) for name, clip in stored]
     try:
         import av  # noqa: F401
     except ImportError:
