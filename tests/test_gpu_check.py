@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import SHARED
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +43,10 @@ def test_smoke_runs_every_part(tmp_path):
     parts = report["parts"]
     assert list(parts) == PARTS
     for name, part in parts.items():
-        assert part["status"] in ("ok", "skipped"), (name, part["status"], part["reason"])
         assert part["rows"] or part["reason"], name
+        # A bare clone has no parity vectors or clips: those parts say so; everything else runs.
+        needs_shared = name in ("parity", "dtype", "dataset")
+        assert part["status"] == ("skipped" if needs_shared and not SHARED.is_dir() else "ok"), (name, part)
     assert all(r["within_1e_4"] for r in parts["parity"]["rows"] if r["dtype"] == "float32")
     assert all(r["decode_psnr_db"] > 30 for r in parts["parity"]["rows"] if r["dtype"] == "bfloat16")
     assert all(r["loss_db"] < 0.5 for r in parts["dtype"]["rows"])
@@ -51,7 +55,7 @@ def test_smoke_runs_every_part(tmp_path):
     assert all("skipped" in r for r in theirs) != bool(authors)
     assert {r["size"] for r in parts["large_decode"]["rows"]} == {"1080p", "4K"}
     assert any("tiles" in r["tiling"] for r in parts["large_decode"]["rows"])  # the budget made one tile
-    assert parts["dataset"]["rows"][0]["clips"] > 0 and parts["dataset"]["rows"][0]["failed"] == 0
+    assert all(r["clips"] > 0 and r["failed"] == 0 for r in parts["dataset"]["rows"])
     assert parts["compile"]["rows"][0]["max_abs_diff_vs_eager"] == 0  # dynamo alone changes no arithmetic
     assert report["verdicts"]
 
