@@ -6,6 +6,7 @@ Each streams: frames are read, pushed through the model and written a few groups
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 from collections import deque
@@ -57,6 +58,7 @@ class EncodeOptions:
     sample: bool = False
     seed: int | None = None
     short_side: int | None = None  # resize so the short side has this many pixels (as benchmarks do)
+    skip_errors: bool = False  # leave out what a damaged video cannot decode, instead of stopping there
 
 
 @dataclass
@@ -158,13 +160,15 @@ class _Source:
             tiling=self.tiling,
         )
         self.pts: list[int] = []
+        chunk = TEMPORAL_STRIDE * memory.groups_per_step
+        size = (self.info.width, self.info.height)
+        self.reader = read_frames(
+            path, start=options.start, max_frames=self.limit, chunk=chunk, size=size, skip_errors=options.skip_errors
+        )
 
     def chunks(self):
         """Yield ``(frames, latent part)`` as frames are read and encoded."""
-        chunk = TEMPORAL_STRIDE * self.memory.groups_per_step
-        size = (self.info.width, self.info.height)
-        reader = read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk, size=size)
-        for frames, stamps in reader:
+        for frames, stamps in self.reader:
             self.pts.extend(stamps)
             yield frames, self.stream.push(_to_model(frames))
         yield None, self.stream.finish()
@@ -184,7 +188,7 @@ class _Source:
             source_frames=size.frames,
             source_height=size.height,
             source_width=size.width,
-            frame_rate=str(self.info.frame_rate),
+            frame_rate=str(self.reader.frame_rate),
             time_base=str(self.info.time_base),
             start_time=self.options.start,
             padded_frames=padded.frames,
@@ -203,11 +207,13 @@ class _Source:
     def audio(self) -> bytes | None:
         """The source's audio over the frames asked for."""
         end = self.options.start + self.limit / self.info.frame_rate if self.limit is not None else None
-        return read_audio(self.path, start=self.options.start, end=None if end is None else float(end))
+        end = None if end is None else float(end)
+        return read_audio(self.path, start=self.options.start, end=end, skip_errors=self.options.skip_errors)
 
     def writer(self, path: Path, options: WriteOptions, audio: bytes | None) -> VideoWriter:
+        """A writer at the reader's rate: call it once the first frames are read, which settle it."""
         return _writer(
-            path, self.info.width, self.info.height, self.info.frame_rate, self.info.time_base, options, audio
+            path, self.info.width, self.info.height, self.reader.frame_rate, self.info.time_base, options, audio
         )
 
 
@@ -335,14 +341,16 @@ def reconstruct_video(
     decoder = StreamDecoder(loaded.model, groups_per_step=memory.groups_per_step, tiling=tiling)
     metrics = Metrics(lpips_net=lpips) if measure else None
     waiting: deque[np.ndarray] = deque()  # source frames (integers) awaiting their reconstruction
+    chunks = src.chunks()
+    first = next(chunks)  # the first frames settle the rate to write at (see ``read_frames``)
     writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
     info = src.info
     side = None
     if comparison:
-        side = ComparisonWriter(comparison, info.width, info.height, info.frame_rate, info.time_base)
+        side = ComparisonWriter(comparison, info.width, info.height, src.reader.frame_rate, info.time_base)
     done = 0
     with writer or nullcontext(), side or nullcontext():
-        for frames, latent in src.chunks():
+        for frames, latent in itertools.chain([first], chunks):
             if frames is not None:
                 waiting.extend(frames)
             recon = _from_model(

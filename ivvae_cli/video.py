@@ -8,14 +8,19 @@ Policies (documented in README.md):
 - Alpha is dropped: the model codes colour only.
 - Variable frame rate is kept: every decoded frame is used once and keeps its timestamp; outputs
   put timestamps on a grid of 1/8 frame at the average rate, so a constant rate comes back exactly.
-  Streams without timestamps (raw H.264) get them from the frame rate.
+- Timestamps that are missing (raw H.264), repeated or going backwards are not trusted: from the
+  first such frame on, frames are timed by the stream's declared rate, and written at that rate.
+- Damage: a frame the decoder refuses stops reading with an ``InputError`` that names it, or, with
+  ``skip_errors``, is left out and counted. No bytes make these functions fail otherwise.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -23,7 +28,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from ivvae_cli.errors import InputError, OutputError
+from ivvae_cli.errors import InputError, IvvaeWarning, OutputError
+
+DECODE_ERRORS = (av.FFmpegError, ValueError)  # what PyAV raises on damaged data (ValueError: 'missing format')
 
 
 @dataclass
@@ -44,27 +51,44 @@ class VideoInfo:
     audio: list[str] = field(default_factory=list)
 
 
-def _open(path: Path) -> av.container.InputContainer:
+@contextmanager
+def _open(path: Path) -> Iterator[av.container.InputContainer]:
+    """The file opened for reading; damage met while it is open becomes an ``InputError``."""
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if not path.is_file():
         raise InputError(f"input is not a file: {path}")
     try:
-        return av.open(str(path))
+        container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or e.__class__.__name__
-        raise InputError(f"{path} is not a video ffmpeg can read ({reason})") from None
+        raise InputError(f"{path} is not a video ffmpeg can read ({_reason(e)})") from None
     except PermissionError:
         raise InputError(f"no permission to read {path}") from None
+    with container:
+        try:
+            yield container
+        except DECODE_ERRORS as e:
+            raise InputError(f"{path} is damaged: {_reason(e)}") from None
 
 
 NOT_VIDEO_FORMATS = {"tty"}  # ffmpeg renders any text file as "video" through tty
 
 
+def _reason(error: Exception) -> str:
+    """An exception's message for a one-line error (PyAV's carry the ffmpeg message in ``strerror``)."""
+    text = getattr(error, "strerror", None) or str(error) or error.__class__.__name__
+    return " ".join(text.split())
+
+
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
     if not container.streams.video or container.format.name in NOT_VIDEO_FORMATS:
         raise InputError(f"{path} is not a video (no video stream)")
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise InputError(f"{path}: no decoder for its video stream (unknown codec, or a damaged header)")
+    if not stream.codec_context.width or not stream.codec_context.height:
+        raise InputError(f"{path}: its video stream has no picture size (a damaged header?)")
+    return stream
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -121,14 +145,14 @@ def describe_video(path: Path) -> dict:
 
 def _codec_name(stream: av.stream.Stream) -> str:
     """The format's name for a stream's codec (``mp3``, not the decoder's ``mp3float``)."""
-    return stream.codec_context.codec.canonical_name
+    return stream.codec_context.codec.canonical_name if stream.codec_context else "unknown"
 
 
 def _stream_rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
     """The display rotation of the first frame, in degrees counter-clockwise (0, 90, 180 or 270)."""
     try:
         frame = next(container.decode(stream))
-    except (StopIteration, av.FFmpegError):
+    except (StopIteration, *DECODE_ERRORS):
         return 0
     return round(frame.rotation) % 360 if frame.rotation else 0
 
@@ -175,80 +199,231 @@ def read_frames(
     max_frames: int | None = None,
     chunk: int = 8,
     size: tuple[int, int] | None = None,
-) -> Iterator[tuple[np.ndarray, list[int]]]:
+    skip_errors: bool = False,
+) -> FrameReader:
     """Yield ``(frames, pts)``: RGB ``(t, H, W, 3)``, uint8 (uint16 for sources deeper than 8 bits;
     ``unit_float`` converts), and each frame's timestamp in the stream's time base, ``chunk``
     frames at a time, from ``start`` seconds on; resized (bicubic) to ``size`` (width, height as
-    displayed) if given."""
-    path = Path(path)
-    info = probe(path)
-    if size == (info.width, info.height):
-        size = None
-    elif size is not None and info.rotation in (90, 270):
-        size = size[::-1]
-    with _open(path) as container:
-        stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"
-        to_rgb = _RGBConverter(stream, deep=info.bit_depth > 8, size=size)
-        # Streams without timestamps (raw H.264, say) get them from the frame rate, counting from
-        # the first frame; those are read from the start, never sought.
-        seekable = start > 0 and stream.start_time is not None
-        if seekable:
-            container.seek(int(start / stream.time_base), stream=stream, backward=True)
-        frames: list[np.ndarray] = []
-        stamps: list[int] = []
-        count = decoded = 0
-        try:
-            for frame in container.decode(stream):
-                pts = frame.pts if frame.pts is not None else round(decoded / info.frame_rate / info.time_base)
-                decoded += 1
+    displayed) if given. The iterator also tells the rate to write the frames at (``frame_rate``)
+    and how many damaged frames ``skip_errors`` left out (``lost``)."""
+    return FrameReader(Path(path), start, max_frames, chunk, size, skip_errors)
+
+
+class FrameReader:
+    """The iterator ``read_frames`` returns. It decodes packet by packet, so that damage is named
+    (or, with ``skip_errors``, left out and counted), and checks each frame's timestamp: from the
+    first one missing, repeated, going backwards or out of containers' reach, frames are timed by
+    the stream's declared rate (said once), those not yet handed out included."""
+
+    def __init__(
+        self,
+        path: Path,
+        start: float,
+        max_frames: int | None,
+        chunk: int,
+        size: tuple[int, int] | None,
+        skip_errors: bool,
+    ):
+        self.path, self.skip_errors = path, skip_errors
+        self.info = probe(path)
+        self.frame_rate = self.info.frame_rate  # the declared rate once timestamps are not trusted
+        self.lost = 0
+        self.decoded = 0  # frames out of the decoder
+        self.retimed = False
+        self._first: int | None = None  # the first frame's timestamp: where the declared rate's grid starts
+        self._last: int | None = None  # the last frame's timestamp
+        self._handed: int | None = None  # the last timestamp handed out
+        self._chunks = self._read(start, max_frames, chunk, size)
+
+    def __iter__(self) -> FrameReader:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, list[int]]:
+        return next(self._chunks)
+
+    def _read(self, start: float, max_frames: int | None, chunk: int, size: tuple[int, int] | None):
+        path, info = self.path, self.info
+        if size == (info.width, info.height):
+            size = None
+        shape = (info.height, info.width) if size is None else (size[1], size[0])
+        if size is not None and info.rotation in (90, 270):
+            size = size[::-1]
+        with _open(path) as container:
+            stream = _video_stream(container, path)
+            stream.thread_type = "AUTO"
+            to_rgb = _RGBConverter(stream, deep=info.bit_depth > 8, size=size)
+            declared = stream.codec_context.framerate or stream.guessed_rate or info.frame_rate
+            # Streams without timestamps (raw H.264, say) are read from the start, never sought.
+            if start > 0 and stream.start_time is not None:
+                container.seek(int(start / stream.time_base), stream=stream, backward=True)
+            frames: list[np.ndarray] = []
+            stamps: list[int] = []
+            count = 0
+            for frame in self._frames(container, stream):
+                pts = self._stamp(frame.pts, stamps, Fraction(declared))
                 if pts * info.time_base < start - 1e-6:
                     continue
                 if max_frames is not None and count >= max_frames:
                     break
-                frames.append(to_rgb(frame))
+                try:
+                    rgb = to_rgb(frame)
+                    if rgb.shape[:2] != shape:
+                        raise ValueError(f"a {rgb.shape[1]}x{rgb.shape[0]} frame in a {shape[1]}x{shape[0]} video")
+                except DECODE_ERRORS as e:
+                    self._damaged(e)
+                    continue
+                frames.append(rgb)
                 stamps.append(pts)
                 count += 1
                 if len(frames) == chunk:
+                    self._handed = stamps[-1]
                     yield np.stack(frames), stamps
                     frames, stamps = [], []
-        except av.FFmpegError as e:
-            raise InputError(f"{path}: video decoding failed after {count} frames ({e})") from None
-        if frames:
-            yield np.stack(frames), stamps
-    if count == 0:
-        raise InputError(f"{path} has no video frames" + (f" after {start:g} s" if start else ""))
+            if frames:
+                yield np.stack(frames), stamps
+        if count == 0:
+            raise InputError(f"{path} has no video frames" + (f" after {start:g} s" if start else ""))
+        if self.lost:
+            warnings.warn(IvvaeWarning(f"{path}: {self.lost} damaged frame(s) left out"), stacklevel=2)
+
+    def _frames(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream):
+        """Decoded frames, packet by packet; damage in the file's structure ends them."""
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except DECODE_ERRORS as e:
+                self._damaged(e)
+                warnings.warn(IvvaeWarning(f"{self.path}: unreadable from frame {self.decoded} on"), stacklevel=2)
+                return
+            try:
+                decoded = packet.decode()
+            except DECODE_ERRORS as e:
+                self._damaged(e)
+                continue
+            for frame in decoded:
+                self.decoded += 1
+                yield frame
+
+    def _damaged(self, error: Exception) -> None:
+        """Stop at damage, naming the frame, or count it and go on (``skip_errors``)."""
+        if not self.skip_errors:
+            raise InputError(
+                f"{self.path} is damaged at frame {self.decoded}: {_reason(error)} "
+                "(--skip-errors keeps the frames that decode)"
+            )
+        self.lost += 1
+
+    def _stamp(self, pts: int | None, pending: list[int], declared: Fraction) -> int:
+        """The timestamp of the frame just decoded; ``pending``, those not yet handed out, are
+        retimed along when the stream's stop being trusted."""
+        index = self.decoded - 1
+        if self._first is None:
+            self._first = pts if pts is not None else 0
+        if not self.retimed:
+            problem = self._timestamp_problem(pts)
+            if problem is None:
+                self._last = pts
+                return pts
+            self.retimed, self.frame_rate = True, declared
+            warnings.warn(
+                IvvaeWarning(
+                    f"{self.path}: timestamps {problem} at frame {index}; timing frames by the declared rate, "
+                    f"{float(declared):.6g} fps"
+                ),
+                stacklevel=2,
+            )
+            self._last = self._handed
+            for i in range(len(pending)):
+                pending[i] = self._last = self._grid(index - len(pending) + i)
+        self._last = self._grid(index)
+        return self._last
+
+    def _timestamp_problem(self, pts: int | None) -> str | None:
+        if pts is None:
+            return "missing"
+        if self._last is not None and pts <= self._last:
+            return "repeated" if pts == self._last else "going backwards"
+        if writer_ticks(pts - self._first, self.info.time_base, self.frame_rate) >= MAX_TICKS:
+            return "out of containers' reach"
+        return None
+
+    def _grid(self, index: int) -> int:
+        """Frame ``index`` on the declared rate's grid from the first frame, after the last."""
+        pts = self._first + round(index / self.frame_rate / self.info.time_base)
+        return pts if self._last is None else max(pts, self._last + 1)
 
 
-def read_audio(path: str | Path, start: float = 0.0, end: float | None = None) -> bytes | None:
+def read_audio(
+    path: str | Path, start: float = 0.0, end: float | None = None, skip_errors: bool = False
+) -> bytes | None:
     """The first audio stream between ``start`` and ``end`` seconds, remuxed unchanged into a
-    Matroska file in memory; None when there is no audio."""
+    Matroska file in memory; None when there is no audio. Damage stops with an ``InputError``, or,
+    with ``skip_errors``, leaves the audio out (said once)."""
     path = Path(path)
     with _open(path) as container:
-        if not container.streams.audio:
+        if not container.streams.audio or container.streams.audio[0].codec_context is None:
             return None
         source = container.streams.audio[0]
         buffer = io.BytesIO()
-        with av.open(buffer, "w", format="matroska") as out:
-            target = out.add_stream_from_template(source)
-            first_pts = None
-            for packet in container.demux(source):
-                if packet.pts is None or packet.dts is None:
-                    continue
-                t = float(packet.pts * source.time_base)
-                if t < start - 1e-6 or (end is not None and t >= end):
-                    continue
-                first_pts = packet.pts if first_pts is None else first_pts
-                packet.pts -= first_pts
-                packet.dts -= first_pts
-                packet.stream = target
-                out.mux(packet)
-            if first_pts is None:
-                return None
-        return buffer.getvalue()
+        t = start
+        try:
+            with av.open(buffer, "w", format="matroska") as out:
+                target = out.add_stream_from_template(source)
+                first_pts = None
+                for packet in container.demux(source):
+                    if packet.pts is None or packet.dts is None:
+                        continue
+                    t = float(packet.pts * source.time_base)
+                    if t < start - 1e-6 or (end is not None and t >= end):
+                        continue
+                    first_pts = packet.pts if first_pts is None else first_pts
+                    packet.pts -= first_pts
+                    packet.dts -= first_pts
+                    packet.stream = target
+                    out.mux(packet)
+        except DECODE_ERRORS as e:
+            if not skip_errors:
+                raise InputError(
+                    f"{path}: its audio is damaged at {t:.3f} s: {_reason(e)} (--skip-errors leaves it out)"
+                ) from None
+            warnings.warn(IvvaeWarning(f"{path}: its audio is damaged at {t:.3f} s; left out"), stacklevel=2)
+            return None
+        return buffer.getvalue() if first_pts is not None else None
+
+
+def audio_problem(data: bytes) -> str | None:
+    """Why an audio track held in memory (a Matroska file, as ``read_audio`` makes) cannot be
+    copied into a video, found by decoding all of it; None when it can."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio or container.streams.audio[0].codec_context is None:
+                return "no audio stream ffmpeg can decode"
+            stream = container.streams.audio[0]
+            if not stream.codec_context.sample_rate:
+                return "no sample rate"
+            last = None
+            for packet in container.demux(stream):
+                if packet.dts is not None and last is not None and packet.dts < last:
+                    return "its timestamps go backwards"
+                last = packet.dts if packet.dts is not None else last
+                packet.decode()
+    except (*DECODE_ERRORS, UnicodeDecodeError) as e:
+        return _reason(e)
+    return None
 
 
 TICKS_PER_FRAME = 8
+MAX_TICKS = 2**31  # how far from the first frame a timestamp may be, in ticks: what 32-bit container fields hold
+
+
+def writer_ticks(pts: int, time_base: Fraction, frame_rate: Fraction) -> Fraction:
+    """A timestamp in ticks of the writer's grid: 1/8 frame at ``frame_rate``."""
+    return pts * time_base * frame_rate * TICKS_PER_FRAME
+
+
 LOSSLESS = {".mkv": "ffv1", ".avi": "ffv1", ".mp4": "libx264rgb", ".mov": "libx264rgb"}
 DEFAULT_CODEC = {".webm": "libvpx-vp9"}  # everything else: H.264
 CODEC_NAMES = {"h264": "libx264", "h265": "libx265", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
@@ -315,20 +490,32 @@ class VideoWriter:
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             self.last_pts = max(self.last_pts + 1, round(stamp * self.source_time_base / self.time_base))
             frame.pts, frame.time_base, frame.duration = self.last_pts, self.time_base, TICKS_PER_FRAME
-            self.container.mux(self.stream.encode(frame))
+            try:
+                self.container.mux(self.stream.encode(frame))
+            except DECODE_ERRORS as e:
+                seconds = float(stamp * self.source_time_base)
+                raise OutputError(f"cannot write the frame at {seconds:.6g} s {self._into()}: {_reason(e)}") from None
 
     def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
         """Finish the file; after an error only release it (the caller discards it)."""
-        if error_type is None:
-            self.container.mux(self.stream.encode(None))
-            if self.audio:
-                self.audio.copy()
-        elif self.audio:
-            self.audio.source.close()
-        self.container.close()
+        try:
+            if error_type is None:
+                self.container.mux(self.stream.encode(None))
+                if self.audio:
+                    self.audio.copy()
+            elif self.audio:
+                self.audio.source.close()
+            self.container.close()
+        except DECODE_ERRORS as e:
+            if error_type is None:
+                raise OutputError(f"cannot finish writing {self._into()}: {_reason(e)}") from None
+
+    def _into(self) -> str:
+        """The output named by its kind (its name is a temporary one, see ``ivvae_cli.outputs``)."""
+        return f"into {Path(self.container.name).suffix or 'the output'}"
 
 
 def _format_for(suffix: str) -> str | None:
