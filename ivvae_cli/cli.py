@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,11 +15,12 @@ from typing import Annotated, Any
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from ivvae_cli.errors import InputError, IvvaeError
+from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning
 from ivvae_cli.latent_file import describe_latent_file, looks_like_latent_file, read_latent_file, write_latent_file
 from ivvae_cli.metrics import Metrics, compare_videos, plot_per_frame
 from ivvae_cli.outputs import atomic_output, check_output
@@ -100,25 +102,44 @@ ComparisonOpt = Annotated[
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Per-frame plot (PNG; needs matplotlib).")]
 LpipsOpt = Annotated[bool, typer.Option("--lpips", help="Also LPIPS, if its package and weights are installed.")]
 LosslessOpt = Annotated[bool, typer.Option(help="Lossless output: FFV1 (.mkv, .avi) or H.264 RGB (.mp4, .mov).")]
+SkipErrorsOpt = Annotated[
+    bool,
+    typer.Option("--skip-errors", help="Damaged video: leave out the frames that do not decode, instead of stopping."),
+]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Refuse a latent file whose audio cannot be read (default: leave it out).")
+]
 
 
 def _fail(error: IvvaeError) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(error.exit_code)
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Turn expected failures into one line and an exit code."""
-    try:
-        yield
-    except IvvaeError as e:
-        raise _fail(e) from None
-    except KeyboardInterrupt:
-        stderr.print("[bold red]interrupted[/]")
-        raise typer.Exit(130) from None
-    except torch.cuda.OutOfMemoryError:
-        raise _fail(IvvaeError("out of GPU memory; try --groups-per-step 1 or --device cpu")) from None
+def _errors(quiet: bool = False) -> Iterator[None]:
+    """Turn expected failures into one line and an exit code, and the library's warnings
+    (``IvvaeWarning``) into one line each, none with --quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if quiet else "always", IvvaeWarning)
+        show = warnings.showwarning
+
+        def one_line(message, category, *args, **kwargs) -> None:
+            if not issubclass(category, IvvaeWarning):
+                show(message, category, *args, **kwargs)
+                return
+            stderr.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+        warnings.showwarning = one_line
+        try:
+            yield
+        except IvvaeError as e:
+            raise _fail(e) from None
+        except KeyboardInterrupt:
+            stderr.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except torch.cuda.OutOfMemoryError:
+            raise _fail(IvvaeError("out of GPU memory; try --groups-per-step 1 or --device cpu")) from None
 
 
 class _FramesPerSecond(ProgressColumn):
@@ -231,18 +252,19 @@ def encode(
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = 1,
+    skip_errors: SkipErrorsOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Encode a video into a latent file."""
-    with _errors():
+    with _errors(quiet):
         info = probe(_input_file(input))
         check_output(output, force)
         loaded, memory = _model_and_memory(
             weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
         )
-        options = EncodeOptions(start, frames, duration, sample, seed, short_side)
+        options = EncodeOptions(start, frames, duration, sample, seed, short_side, skip_errors)
         with _progress("encode", expected_frames(info, options), quiet) as progress:
             data = encode_video(input, loaded, options, memory, progress)
         with atomic_output(output, force) as tmp:
@@ -284,13 +306,14 @@ def decode(
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = 1,
+    strict: StrictOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Decode a latent file into a video with the source's frame count, size, timing and audio."""
-    with _errors():
-        data = read_latent_file(input)
+    with _errors(quiet):
+        data = read_latent_file(input, strict=strict)
         check_output(output, force)
         loaded, memory = _model_and_memory(
             weights, model or data.header.model, device, dtype, quiet, max_memory, tile_size, tile_overlap,
@@ -330,19 +353,20 @@ def reconstruct(
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = 1,
+    skip_errors: SkipErrorsOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Encode and decode in one streaming pass; write the result and/or measure what was lost."""
-    with _errors():
+    with _errors(quiet):
         info = probe(_input_file(input))
         metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
         lpips_net = _prepare_outputs([output, compare_video, plot], force, lpips)
         loaded, memory = _model_and_memory(
             weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
         )
-        options = EncodeOptions(start, frames, duration, sample, seed, short_side)
+        options = EncodeOptions(start, frames, duration, sample, seed, short_side, skip_errors)
         write = WriteOptions(codec, crf, lossless)
         with (
             _progress("reconstruct", expected_frames(info, options), quiet) as progress,
@@ -474,16 +498,23 @@ def info(
     file: Annotated[Path, typer.Argument(help="A latent file or a video.")],
     json_path: JsonOpt = None,
 ) -> None:
-    """Show what a latent file (or a video) holds."""
+    """Show what a latent file (or a video) holds; of a damaged latent file, what could be read and
+    what is wrong with it (exit code 3)."""
     with _errors():
         _input_file(file)
         report = describe_latent_file(file) if looks_like_latent_file(file) else describe_video(file)
+        problems = report.pop("problems", [])
         if json_path is None:
-            table = Table(show_header=False, title=str(file))
+            table = Table(show_header=False, title=escape(str(file)))
             for key, value in report.items():
-                table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+                table.add_row(key, Text(json.dumps(value) if isinstance(value, list | dict) else str(value)))
+            for problem in problems:
+                table.add_row(Text("problem", style="bold red"), Text(problem))
             Console().print(table)
-        _report(report, json_path)
+        _report(report | ({"problems": problems} if report["kind"] == "latent" else {}), json_path)
+        if problems:
+            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+            raise InputError(f"{file} is not a valid latent file: {problems[0]}{more}")
 
 
 @app.command()
