@@ -233,6 +233,7 @@ class FrameReader:
         self._first: int | None = None  # the first frame's timestamp: where the declared rate's grid starts
         self._last: int | None = None  # the last frame's timestamp
         self._handed: int | None = None  # the last timestamp handed out
+        self._unreadable_from: int | None = None  # the frame where damage to the file's structure ended reading
         self._chunks = self._read(start, max_frames, chunk, size)
 
     def __iter__(self) -> FrameReader:
@@ -252,7 +253,7 @@ class FrameReader:
             stream = _video_stream(container, path)
             stream.thread_type = "AUTO"
             to_rgb = _RGBConverter(stream, deep=info.bit_depth > 8, size=size)
-            declared = stream.codec_context.framerate or stream.guessed_rate or info.frame_rate
+            declared = Fraction(stream.codec_context.framerate or stream.guessed_rate or info.frame_rate)
             # Streams without timestamps (raw H.264, say) are read from the start, never sought.
             if start > 0 and stream.start_time is not None:
                 container.seek(int(start / stream.time_base), stream=stream, backward=True)
@@ -260,11 +261,11 @@ class FrameReader:
             stamps: list[int] = []
             count = 0
             for frame in self._frames(container, stream):
-                pts = self._stamp(frame.pts, stamps, Fraction(declared))
-                if pts * info.time_base < start - 1e-6:
-                    continue
                 if max_frames is not None and count >= max_frames:
                     break
+                pts = self._stamp(frame.pts, stamps, declared)
+                if pts * info.time_base < start - 1e-6:
+                    continue
                 try:
                     rgb = to_rgb(frame)
                     if rgb.shape[:2] != shape:
@@ -284,7 +285,8 @@ class FrameReader:
         if count == 0:
             raise InputError(f"{path} has no video frames" + (f" after {start:g} s" if start else ""))
         if self.lost:
-            warnings.warn(IvvaeWarning(f"{path}: {self.lost} damaged frame(s) left out"), stacklevel=2)
+            ending = f"; unreadable from frame {self._unreadable_from} on" if self._unreadable_from is not None else ""
+            warnings.warn(IvvaeWarning(f"{path}: {self.lost} damaged frame(s) left out{ending}"), stacklevel=2)
 
     def _frames(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream):
         """Decoded frames, packet by packet; damage in the file's structure ends them."""
@@ -296,7 +298,7 @@ class FrameReader:
                 return
             except DECODE_ERRORS as e:
                 self._damaged(e)
-                warnings.warn(IvvaeWarning(f"{self.path}: unreadable from frame {self.decoded} on"), stacklevel=2)
+                self._unreadable_from = self.decoded
                 return
             try:
                 decoded = packet.decode()
@@ -318,7 +320,7 @@ class FrameReader:
 
     def _stamp(self, pts: int | None, pending: list[int], declared: Fraction) -> int:
         """The timestamp of the frame just decoded; ``pending``, those not yet handed out, are
-        retimed along when the stream's stop being trusted."""
+        retimed along when the stream's timestamps stop being trusted."""
         index = self.decoded - 1
         if self._first is None:
             self._first = pts if pts is not None else 0
@@ -417,6 +419,7 @@ def audio_problem(data: bytes) -> str | None:
 
 TICKS_PER_FRAME = 8
 MAX_TICKS = 2**31  # how far from the first frame a timestamp may be, in ticks: what 32-bit container fields hold
+MAX_GAP = 2**31  # the most between two frames, in the container's time base (MP4 wraps past it, silently)
 
 
 def writer_ticks(pts: int, time_base: Fraction, frame_rate: Fraction) -> Fraction:
@@ -482,18 +485,32 @@ class VideoWriter:
             if codec == "libvpx-vp9":
                 self.stream.options |= {"b": "0"}
         self.audio = _AudioCopy(self.container, audio) if audio else None
+        try:
+            self.container.start_encoding()  # the container's own time base is known from here on
+        except DECODE_ERRORS as e:
+            self.container.close()
+            raise OutputError(
+                f"cannot encode {codec} at {float(frame_rate):.6g} fps into {path.name}: {_reason(e)}"
+            ) from None
 
     def write(self, frames: np.ndarray, pts: list[int]) -> None:
         """Frames ``(t, H, W, 3)`` float in [0, 1] with their source timestamps."""
         for image, stamp in zip(frames, pts, strict=True):
             rgb = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            previous = self.last_pts
             self.last_pts = max(self.last_pts + 1, round(stamp * self.source_time_base / self.time_base))
             frame.pts, frame.time_base, frame.duration = self.last_pts, self.time_base, TICKS_PER_FRAME
+            seconds = float(stamp * self.source_time_base)
+            if previous >= 0 and (self.last_pts - previous) * self.time_base >= MAX_GAP * self.stream.time_base:
+                raise OutputError(
+                    f"cannot write the frame at {seconds:.6g} s {self._into()}: it comes "
+                    f"{float((self.last_pts - previous) * self.time_base):.6g} s after the one before, "
+                    "more than the container holds between two frames"
+                )
             try:
                 self.container.mux(self.stream.encode(frame))
             except DECODE_ERRORS as e:
-                seconds = float(stamp * self.source_time_base)
                 raise OutputError(f"cannot write the frame at {seconds:.6g} s {self._into()}: {_reason(e)}") from None
 
     def __enter__(self) -> VideoWriter:
