@@ -95,8 +95,7 @@ class LatentHeader:
                 value = _parse(f.type, raw)
                 FIELD_RULES.get(f.name, _any)(value)
             except (ValueError, RecursionError) as e:
-                shown = raw if len(raw) <= 40 else raw[:37] + "..."
-                problems.append(f"header field '{f.name}' is {json.dumps(shown)}: {e}")
+                problems.append(f"header field '{f.name}' is {_shown(raw)}: {e}")
                 continue
             values[f.name] = value
         sizes = ("frames", "height", "width")
@@ -109,6 +108,11 @@ class LatentHeader:
                     f"{_size(source.padded())} (frames 1 + 4k, sides multiples of 8, the least that hold the source)"
                 )
         return values, problems
+
+
+def _shown(raw: str) -> str:
+    """A metadata string quoted for a one-line message: escaped, and cut short when long."""
+    return json.dumps(raw if len(raw) <= 40 else raw[:37] + "...")
 
 
 def _parse(kind: str, raw: str) -> Any:
@@ -263,7 +267,7 @@ def _inspect(f, report: LatentReport) -> None:
     meta = f.metadata() or {}
     fmt = meta.get("format")
     if fmt != FORMAT_NAME:
-        what = f"a '{fmt[:40]}' file" if fmt else "not an ivvae latent file"
+        what = f"a {_shown(fmt)} file" if fmt else "not an ivvae latent file"
         report.problems.append(f"{what} (no '{FORMAT_NAME}' format tag)")
         return
     try:
