@@ -42,7 +42,7 @@ from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.outputs import atomic_output, remove_stale_partials
 from ivvae_cli.pipeline import MemoryOptions
 from ivvae_cli.stream import StreamEncoder
-from ivvae_cli.video import probe, read_frames, resized
+from ivvae_cli.video import VideoInfo, probe, read_frames, resized
 from ivvae_cli.weights import LoadedModel
 
 VIDEO_EXTENSIONS = frozenset(
@@ -319,18 +319,19 @@ class Geometry:
         return np.ascontiguousarray(frames[:, top : top + height, left : left + width])
 
 
-def _indexed_frames(source: Source, geometry: Geometry, options: ClipOptions) -> Iterator[tuple[int, np.ndarray, int]]:
+def _indexed_frames(
+    source: Source, info: VideoInfo, geometry: Geometry, options: ClipOptions
+) -> Iterator[tuple[int, np.ndarray, int]]:
     """``(frame index, frame, pts)`` over the source's span, resized and cropped. Indices count
     frames from the video's start at its average rate; with ``target_fps``, ticks of that rate, each
     taking the latest source frame at or before it (so frames drop or repeat)."""
-    info = probe(source.path)
     rate = Fraction(info.frame_rate)
     # Manifest numbers are decimals as written (0.56 s is 14/25, not the float nearest it).
     start_s, end_s = (
         None if v is None else Fraction(str(v)) / (rate if source.unit == "frames" else 1)
         for v in (source.start, source.end)
     )
-    reader = read_frames(source.path, start=float(start_s or 0), chunk=8, size=geometry.resized)
+    reader = read_frames(source.path, start=float(start_s or 0), chunk=8, size=geometry.resized, info=info)
     try:
         frames = (
             (frame, pts, pts * info.time_base)
@@ -364,12 +365,14 @@ def _indexed_frames(source: Source, geometry: Geometry, options: ClipOptions) ->
 Piece = tuple[int, int | None, np.ndarray, list[int], bool]  # clip start and end indices, frames, pts, last
 
 
-def clip_pieces(source: Source, options: ClipOptions, geometry: Geometry) -> Iterator[Piece]:
+def clip_pieces(source: Source, options: ClipOptions, info: VideoInfo | None = None) -> Iterator[Piece]:
     """A source's clips in pieces of at most ``PIECE_FRAMES`` frames: ``(first frame index, last
     index + 1, frames (t, H, W, C), pts, last piece)``. head, chunk and slide clips are held until
     complete, so a clip that runs short never reaches the model (and head stops decoding after its
-    clip); a ``full`` clip streams, since it always completes (its end is known with its last piece)."""
-    frames_in = _indexed_frames(source, geometry, options)
+    clip); a ``full`` clip streams, since it always completes (its end is known with its last piece).
+    ``info``: the source's ``probe``, when the caller has it."""
+    info = info or probe(source.path)
+    frames_in = _indexed_frames(source, info, Geometry.plan(info.width, info.height, options), options)
     if options.mode == "full":
         start, frames, pts, index = None, [], [], 0
         for index, frame, stamp in frames_in:
@@ -546,9 +549,10 @@ def _write_parquet(path: Path, rows: list[dict]) -> bool:
     return True
 
 
-def _complete(layout: Layout, sources: list[Source], fingerprint: str) -> bool:
-    """Whether every source is done or failed (the last process to finish writes the index)."""
-    return all(_record(layout, s, fingerprint) is not None or layout.failure(s).exists() for s in sources)
+def _complete(layout: Layout, sources: list[Source]) -> bool:
+    """Whether every source has a record or a failure (the last process to finish writes the index).
+    Existence alone, cheap over millions: ``merge_index`` checks each record's settings."""
+    return all(layout.record(s).exists() or layout.failure(s).exists() for s in sources)
 
 
 # -- decoding, in worker processes -----------------------------------------------------------------
@@ -576,7 +580,7 @@ class _ClipReader(IterableDataset):
             geometry = Geometry.plan(info.width, info.height, self.options)
             rate = self.options.target_fps or Fraction(info.frame_rate)
             skip: str | None = None
-            for start, end, frames, pts, last in clip_pieces(source, self.options, geometry):
+            for start, end, frames, pts, last in clip_pieces(source, self.options, info):
                 name = clip_name(source, self.options, start, end)
                 if name != skip and name != done:
                     skip = name if self._written(source, name) else None
@@ -689,7 +693,7 @@ def encode_dataset(
             job.take(message)
             if progress:
                 progress(tally)
-    merged = merge_index(folder, sources) if _complete(layout, sources, spec.fingerprint) else None
+    merged = merge_index(folder, sources) if _complete(layout, sources) else None
     return tally, merged
 
 
