@@ -1,7 +1,8 @@
 """The latent file: one video's latent and everything needed to decode it, in plain safetensors.
 
 Tensors: ``latent`` (1, z_dim, T', h, w); ``frame_pts`` (T,) int64, each source frame's timestamp
-in ``time_base`` units; ``audio`` (N,) uint8, optional, the source's audio remuxed into Matroska.
+in ``time_base`` units; ``audio`` (N,) uint8, optional, the source's audio remuxed into Matroska;
+``logvar`` (as ``latent``), with posterior "both": the posterior's log variance, to draw samples.
 Metadata (all strings) holds the fields of ``LatentHeader``; docs/latent-format.md describes each.
 
 Latent files are untrusted input: every header field is checked for type and range, then the
@@ -11,6 +12,7 @@ the latent's values. Whatever the bytes, reading gives a ``LatentFile`` or an ``
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import re
@@ -57,10 +59,11 @@ class LatentHeader:
     padded_height: int
     padded_width: int
     dtype: str
-    posterior: str  # "mean" or "sample"
+    posterior: str  # "mean", "sample", or "both" (the mean as ``latent``, and ``logvar``)
     seed: int | None = None
     tiling: dict = field(default_factory=dict)
     audio_codec: str | None = None
+    clip: dict | None = None  # a dataset clip: its source, span, geometry and the job's options
     tool_version: str = __version__
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -207,7 +210,7 @@ FIELD_RULES: dict[str, Callable[[Any], None]] = {
     "padded_height": _positive,
     "padded_width": _positive,
     "dtype": _one_of("float32", "bfloat16", "float16"),
-    "posterior": _one_of("mean", "sample"),
+    "posterior": _one_of("mean", "sample", "both"),
     "seed": _not_negative,
 }
 LATENT_DTYPES = ("F32", "BF16", "F16")  # safetensors' names of the dtypes a latent may have
@@ -223,6 +226,7 @@ class LatentFile:
     latent: torch.Tensor
     frame_pts: np.ndarray
     audio: bytes | None = None
+    logvar: torch.Tensor | None = None
 
 
 def write_latent_file(path: Path, data: LatentFile) -> None:
@@ -233,6 +237,8 @@ def write_latent_file(path: Path, data: LatentFile) -> None:
     }
     if data.audio:
         tensors["audio"] = torch.frombuffer(bytearray(data.audio), dtype=torch.uint8)
+    if data.logvar is not None:
+        tensors["logvar"] = data.logvar.detach().to("cpu").contiguous()
     save_file(tensors, str(path), metadata=data.header.to_metadata())
 
 
@@ -259,31 +265,39 @@ def inspect_latent_file(path: str | Path) -> LatentReport:
         with safe_open(str(path), "pt") as f:
             _inspect(f, report)
     except (SafetensorError, OSError) as e:
-        report.problems.append(f"truncated or not a safetensors file ({' '.join(str(e).split())})")
+        report.problems.append(_not_safetensors(e))
     return report
 
 
-def _inspect(f, report: LatentReport) -> None:
-    meta = f.metadata() or {}
+def _not_safetensors(error: Exception) -> str:
+    return f"truncated or not a safetensors file ({' '.join(str(error).split())})"
+
+
+def _check_header(meta: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The header's fields that passed, and its problems: the format tag and version first (past
+    them nothing else is checked), then every field."""
     fmt = meta.get("format")
     if fmt != FORMAT_NAME:
         what = f"a {_shown(fmt)} file" if fmt else "not an ivvae latent file"
-        report.problems.append(f"{what} (no '{FORMAT_NAME}' format tag)")
-        return
+        return {}, [f"{what} (no '{FORMAT_NAME}' format tag)"]
     try:
         version = _parse("int", meta.get("format_version", ""))
     except (ValueError, RecursionError):
         version = None
     if version is None or version < 1:
-        report.problems.append("its latent format version is not a version number (the header field 'format_version')")
-        return
+        return {}, ["its latent format version is not a version number (the header field 'format_version')"]
     if version > FORMAT_VERSION:
-        report.problems.append(
+        return {}, [
             f"it has latent format version {version}, newer than this ivvae ({__version__}) reads "
             f"(up to {FORMAT_VERSION}); upgrade ivvae"
-        )
+        ]
+    return LatentHeader.check_metadata(meta)
+
+
+def _inspect(f, report: LatentReport) -> None:
+    report.fields, report.problems = _check_header(f.metadata() or {})
+    if not report.fields:
         return
-    report.fields, report.problems = LatentHeader.check_metadata(meta)
     slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
     report.tensors = {name: {"dtype": s.get_dtype(), "shape": s.get_shape()} for name, s in slices.items()}
     report.problems += _tensor_problems(report.tensors, report.fields)
@@ -296,14 +310,16 @@ def _inspect(f, report: LatentReport) -> None:
         report.problems.append(problem)
         return
     latent = f.get_tensor("latent")
-    problem = _non_finite(latent, header.source_frames)
-    if problem:
-        report.problems.append(problem)
-        return
+    logvar = f.get_tensor("logvar") if "logvar" in report.tensors else None
+    for name, values in (("latent", latent), ("logvar", logvar)):
+        problem = None if values is None else _non_finite(name, values, header.source_frames)
+        if problem:
+            report.problems.append(problem)
+            return
     audio = f.get_tensor("audio").numpy().tobytes() if "audio" in report.tensors else None
     if audio is not None:
         report.audio_problem = audio_problem(audio)
-    report.data = LatentFile(header, latent, pts, None if report.audio_problem else audio)
+    report.data = LatentFile(header, latent, pts, None if report.audio_problem else audio, logvar)
 
 
 def _tensor_problems(tensors: dict[str, dict], header: dict[str, Any]) -> list[str]:
@@ -313,10 +329,16 @@ def _tensor_problems(tensors: dict[str, dict], header: dict[str, Any]) -> list[s
         "latent": (LATENT_DTYPES, None),
         "frame_pts": (("I64",), [header["source_frames"]] if "source_frames" in header else None),
         "audio": (("U8",), None),
+        "logvar": (LATENT_DTYPES, None),
     }
     if {"z_dim", "padded_frames", "padded_height", "padded_width"} <= header.keys():
         lat = VideoSize(header["padded_frames"], header["padded_height"], header["padded_width"]).latent()
-        expected["latent"] = (LATENT_DTYPES, [1, header["z_dim"], lat.frames, lat.height, lat.width])
+        expected["latent"] = expected["logvar"] = (
+            LATENT_DTYPES,
+            [1, header["z_dim"], lat.frames, lat.height, lat.width],
+        )
+    if "posterior" in header and (header["posterior"] == "both") != ("logvar" in tensors):
+        problems.append(f"posterior {header['posterior']!r} with{'' if 'logvar' in tensors else ' no'} tensor 'logvar'")
     for name, (dtypes, shape) in expected.items():
         if name not in tensors:
             continue
@@ -348,9 +370,9 @@ def _timestamp_problem(pts: np.ndarray, time_base: Fraction, frame_rate: Fractio
     return None
 
 
-def _non_finite(latent: torch.Tensor, source_frames: int) -> str | None:
-    """Where a latent holds NaN or infinity: how many values, in which latent frames (and the
-    video frames they decode to) and channels."""
+def _non_finite(name: str, latent: torch.Tensor, source_frames: int) -> str | None:
+    """Where a latent (or its log variance) holds NaN or infinity: how many values, in which latent
+    frames (and the video frames they decode to) and channels."""
     bad = ~torch.isfinite(latent[0])  # (channels, T', h, w)
     count = int(bad.sum())
     if not count:
@@ -363,7 +385,7 @@ def _non_finite(latent: torch.Tensor, source_frames: int) -> str | None:
         {t for i in frames for t in range(TEMPORAL_STRIDE * i - 3, TEMPORAL_STRIDE * i + 1) if 0 <= t < source_frames}
     )
     return (
-        f"the latent holds {count} NaN or infinite value(s), in latent frame(s) {_ranges(frames)} "
+        f"the {name} holds {count} NaN or infinite value(s), in latent frame(s) {_ranges(frames)} "
         f"(video frames {_ranges(video)}), channel(s) {_ranges(channels)}"
     )
 
@@ -386,8 +408,7 @@ def read_latent_file(path: str | Path, *, strict: bool = False) -> LatentFile:
     (the pictures are the user's data), or, ``strict``, refused."""
     report = inspect_latent_file(path)
     if report.problems:
-        more = f" (and {len(report.problems) - 1} more: `ivvae info` lists them)" if len(report.problems) > 1 else ""
-        raise InputError(f"{report.path}: {report.problems[0]}{more}")
+        raise _refusal(report.path, report.problems)
     if report.audio_problem:
         if strict:
             raise InputError(f"{report.path}: its audio cannot be read ({report.audio_problem}); --strict refuses it")
@@ -397,6 +418,25 @@ def read_latent_file(path: str | Path, *, strict: bool = False) -> LatentFile:
         )
     assert report.data is not None
     return report.data
+
+
+def _refusal(path: Path, problems: list[str]) -> InputError:
+    """The first problem in one line, and how many more."""
+    more = f" (and {len(problems) - 1} more: `ivvae info` lists them)" if len(problems) > 1 else ""
+    return InputError(f"{path}: {problems[0]}{more}")
+
+
+def read_latent_header(path: Path) -> LatentHeader:
+    """The header alone (no tensor is read), checked as ``read_latent_file`` checks it: enough to
+    tell what made a latent file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            fields, problems = _check_header(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        fields, problems = {}, [_not_safetensors(e)]
+    if problems:
+        raise _refusal(path, problems)
+    return LatentHeader(**fields)
 
 
 def looks_like_latent_file(path: Path) -> bool:
@@ -434,3 +474,17 @@ def describe_latent_file(path: Path) -> dict:
         "audio_problem": report.audio_problem,
         "problems": [],
     }
+
+
+def find_latent_files(spec: str | Path) -> list[tuple[Path, Path]]:
+    """The latent files (``*.latent``, ``*.safetensors``) under a folder, recursively, or matching a
+    glob pattern: ``(path, path relative to the folder or the pattern's fixed part)``, sorted."""
+    text = str(spec)
+    if Path(text).is_dir():
+        root = Path(text)
+        paths = [p for p in root.rglob("*") if p.suffix in (".latent", ".safetensors") and p.is_file()]
+    else:
+        fixed = Path(text.split("*")[0].split("?")[0].split("[")[0] or ".")
+        root = fixed if fixed.is_dir() else fixed.parent
+        paths = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+    return sorted((p, p.relative_to(root)) for p in paths)

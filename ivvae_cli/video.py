@@ -199,14 +199,17 @@ def read_frames(
     max_frames: int | None = None,
     chunk: int = 8,
     size: tuple[int, int] | None = None,
+    info: VideoInfo | None = None,
     skip_errors: bool = False,
 ) -> FrameReader:
     """Yield ``(frames, pts)``: RGB ``(t, H, W, 3)``, uint8 (uint16 for sources deeper than 8 bits;
     ``unit_float`` converts), and each frame's timestamp in the stream's time base, ``chunk``
     frames at a time, from ``start`` seconds on; resized (bicubic) to ``size`` (width, height as
-    displayed) if given. The iterator also tells the rate to write the frames at (``frame_rate``)
-    and how many damaged frames ``skip_errors`` left out (``lost``)."""
-    return FrameReader(Path(path), start, max_frames, chunk, size, skip_errors)
+    displayed) if given. ``info``: the file's ``probe``, when the caller has it already. The
+    iterator also tells the rate to write the frames at (``frame_rate``) and how many damaged
+    frames ``skip_errors`` left out (``lost``)."""
+    path = Path(path)
+    return FrameReader(path, info or probe(path), start, max_frames, chunk, size, skip_errors)
 
 
 class FrameReader:
@@ -218,14 +221,14 @@ class FrameReader:
     def __init__(
         self,
         path: Path,
+        info: VideoInfo,
         start: float,
         max_frames: int | None,
         chunk: int,
         size: tuple[int, int] | None,
         skip_errors: bool,
     ):
-        self.path, self.skip_errors = path, skip_errors
-        self.info = probe(path)
+        self.path, self.info, self.skip_errors = path, info, skip_errors
         self.frame_rate = self.info.frame_rate  # the declared rate once timestamps are not trusted
         self.lost = 0
         self.decoded = 0  # frames out of the decoder
@@ -241,6 +244,10 @@ class FrameReader:
 
     def __next__(self) -> tuple[np.ndarray, list[int]]:
         return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop reading and release the file, as a generator's ``close`` does."""
+        self._chunks.close()
 
     def _read(self, start: float, max_frames: int | None, chunk: int, size: tuple[int, int] | None):
         path, info = self.path, self.info
