@@ -41,22 +41,28 @@ def test_bundled_model_is_small_and_intact():
     assert (BUNDLED.parent / "MODEL_CARD.md").is_file()
 
 
-def test_the_wheel_ships_the_bundled_model_and_it_loads_from_the_install(tmp_path):
-    """Build the wheel, install it into a bare folder, and load the model from there, elsewhere."""
+def test_the_wheel_ships_the_bundled_model_and_sample_and_they_load_from_the_install(tmp_path):
+    """Build the wheel, install it into a bare folder, and load the model and the sample clip from
+    there, elsewhere."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
         check=True,
     )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
-        assert {"ivvae_cli/bundled/ivvae_z16_dim16.safetensors", "ivvae_cli/bundled/MODEL_CARD.md"} <= set(z.namelist())
+        bundled = {"ivvae_z16_dim16.safetensors", "MODEL_CARD.md", "sample/bikes.mp4", "sample/LICENSE.txt"}
+        assert {f"ivvae_cli/bundled/{name}" for name in bundled | {"sample/README.md"}} <= set(z.namelist())
         z.extractall(tmp_path / "site")
-    code = "from ivvae_cli.weights import find_weights, load_model; p = find_weights(); print(p, load_model(p).name)"
+    code = (
+        "from ivvae_cli.weights import SAMPLE, find_weights, load_model; from ivvae_cli.video import probe; "
+        "p = find_weights(); print(p, load_model(p).name, SAMPLE, probe(SAMPLE).frames)"
+    )
     env = os.environ | {"PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    path, name = out.stdout.split()
+    path, name, sample, frames = out.stdout.split()
     assert Path(path).is_relative_to(tmp_path / "site") and name == "ivvae_z16_dim16"
+    assert Path(sample).is_relative_to(tmp_path / "site") and frames == "76"
 
 
 def test_commands_default_to_the_bundled_model_and_say_so_once(tmp_path):
