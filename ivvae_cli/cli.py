@@ -428,7 +428,7 @@ def reconstruct(
             "sizes": result.sizes,
         }
         if result.metrics is not None:
-            _metrics_report(result.metrics, report, plot, force, show=not quiet or json_path is None)
+            _metrics_report(result.metrics, report, plot, force, quiet, json_path)
         _report(report, json_path)
 
 
@@ -457,7 +457,7 @@ def compare(
         report: dict[str, Any] = {"reference": str(reference), "other": str(other), "frames": counts}
         if counts["a"] != counts["b"] and not quiet:
             stderr.print(f"note: {counts['a']} frames against {counts['b']}; compared the first {len(metrics.psnr)}")
-        _metrics_report(metrics, report, plot, force, show=not quiet or json_path is None)
+        _metrics_report(metrics, report, plot, force, quiet, json_path)
         _report(report, json_path)
 
 
@@ -487,7 +487,11 @@ def _lpips():
         raise IvvaeError(f"{e}; LPIPS not computed (ivvae never downloads networks)") from None
 
 
-def _metrics_report(metrics: Metrics, report: dict, plot: Path | None, force: bool, show: bool) -> None:
+def _metrics_report(
+    metrics: Metrics, report: dict, plot: Path | None, force: bool, quiet: bool, json_path: Path | None
+) -> None:
+    """Add the metrics to ``report``, plot them if asked, and print them: the tables unless the JSON
+    report is all that was asked for or takes stdout, the picture only when not --quiet."""
     summary = metrics.summary()
     report["metrics"] = summary
     report["per_frame"] = metrics.per_frame()
@@ -497,11 +501,40 @@ def _metrics_report(metrics: Metrics, report: dict, plot: Path | None, force: bo
                 plot_per_frame(metrics, tmp)
         except RuntimeError as e:
             raise IvvaeError(str(e)) from None
-    if show:
-        _print_metrics(summary, report.get("sizes"))
+    if str(json_path) != "-" and (not quiet or json_path is None):
+        _print_metrics(summary, report.get("sizes"), None if quiet else report["per_frame"])
 
 
-def _print_metrics(summary: dict, sizes: dict | None) -> None:
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def lowest_per_column(values: list[float], width: int) -> list[int]:
+    """The index of the frame each of at most ``width`` columns shows: every frame when they fit,
+    else the lowest of each run of ceil(n / width) frames, so that a dip is never averaged away."""
+    per = max(1, math.ceil(len(values) / max(1, width)))
+    return [min(range(i, min(i + per, len(values))), key=values.__getitem__) for i in range(0, len(values), per)]
+
+
+def sparkline(values: list[float]) -> str:
+    """One bar per value, from ▁ at the lowest to █ at the highest (eight equal steps)."""
+    lo, hi = min(values, default=0.0), max(values, default=0.0)
+    return "".join(SPARKS[min(7, int((v - lo) / (hi - lo) * 8)) if hi > lo else 3] for v in values)
+
+
+def _print_psnr_picture(console: Console, per_frame: list[dict]) -> None:
+    """Per-frame PSNR as a sparkline binned to the terminal, '^' under the keyframes' columns."""
+    values = [row["psnr_db"] for row in per_frame]
+    shown = lowest_per_column(values, console.width)
+    per = math.ceil(len(values) / len(shown))
+    lo, hi = min(values[i] for i in shown), max(values[i] for i in shown)
+    column = "" if per == 1 else f"; a column: the lowest of {per} frames"
+    console.print(f"PSNR per frame (▁ {lo:.2f} to █ {hi:.2f} dB{column}; ^ keyframe):", highlight=False, soft_wrap=True)
+    console.print(sparkline([values[i] for i in shown]), highlight=False)
+    console.print("".join("^" if per_frame[i]["position"] in ("first", "0") else " " for i in shown).rstrip())
+
+
+def _print_metrics(summary: dict, sizes: dict | None, per_frame: list[dict] | None = None) -> None:
+    """The tables; with ``per_frame``, the PSNR picture under them."""
     console = Console()
     table = Table(title="what was lost", show_header=True)
     for name in ("frames", "PSNR (dB)", "SSIM", "worst PSNR", "worst SSIM", "flicker (levels)"):
@@ -531,6 +564,8 @@ def _print_metrics(summary: dict, sizes: dict | None) -> None:
             + (f", the source file {sizes['source_to_latent']}x" if "source_to_latent" in sizes else ""),
             highlight=False,
         )
+    if per_frame:
+        _print_psnr_picture(console, per_frame)
 
 
 @app.command()

@@ -69,6 +69,19 @@ def test_error_planted_in_one_position(tmp_path, source):
     assert {r["index"] for r in report["metrics"]["worst_frames"][:3]} == {3, 7, 11}
 
 
+def test_the_tables_and_the_psnr_picture_are_printed_unless_quiet_or_json_takes_stdout(tmp_path, source):
+    other = source.copy()
+    other[5] += 20  # frame 5, a keyframe (position 0), is the one dip
+    write_frames(tmp_path / "b.mkv", other)
+    pair = [str(tmp_path / "a.mkv"), str(tmp_path / "b.mkv")]
+    shown = CliRunner().invoke(app, ["compare", *pair]).stdout.splitlines()
+    header = shown.index(f"PSNR per frame (▁ {20 * math.log10(255 / 20):.2f} to █ 100.00 dB; ^ keyframe):")
+    assert shown[0].strip() == "what was lost" and shown[header + 1 :] == ["█████▁███████", "^^   ^   ^"]
+    quiet = CliRunner().invoke(app, ["compare", *pair, "-q"]).stdout
+    assert "what was lost" in quiet and "PSNR per frame" not in quiet
+    assert json.loads(CliRunner().invoke(app, ["compare", *pair, "--json", "-"]).stdout)["metrics"]["frames"] == 13
+
+
 def test_report_schema(tmp_path, source):
     write_frames(tmp_path / "b.mkv", source + 1)
     _, report, _ = compare(tmp_path / "a.mkv", tmp_path / "b.mkv")
