@@ -16,6 +16,7 @@ VIDEOS = SHARED / "videos"
 LEFT_OUT = pytest.StashKey[int]()
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: count only what would have run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Without ../shared, skip the tests that need it (CI has it and runs them all)."""
     needing = [item for item in items if item.get_closest_marker("shared")]
