@@ -665,6 +665,14 @@ def train(
     checkpoint_every: Annotated[
         int, typer.Option(min=1, help="Save the weights and the state to resume from every this many steps.")
     ] = 250,
+    frame_cache: Annotated[
+        Path | None,
+        typer.Option(help="Keep the decoded frames in this folder: later runs and --resume read them (no PyAV)."),
+    ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(min=0, help="Stop at the last checkpoint that ends within this many seconds; --resume continues."),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -672,6 +680,8 @@ def train(
     """Train or fine-tune IV-VAE on videos; resumable, exactly."""
     from ivvae_cli.train import TrainConfig, Trainer, manifest_videos, run_config
 
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    cache = str(frame_cache) if frame_cache else None
     with _errors():
         new = None
         if not resume:
@@ -687,9 +697,9 @@ def train(
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
                 short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, psnr_weight=psnr_weight,
                 ssim_weight=ssim_weight, bf16=not fp32, decoder_only=decoder_only, seed=seed,
-                checkpoint_every=checkpoint_every,
+                checkpoint_every=checkpoint_every, frame_cache=cache,
             )  # fmt: skip
-        config = run_config(out, new, steps)
+        config = run_config(out, new, steps, cache)
         trainer = Trainer(config, out, select_device(device))
         if not quiet:
             stderr.print(f"training {trainer.model.z_dim}x{trainer.model.dim} from step {trainer.step} in {out}")
@@ -703,7 +713,9 @@ def train(
                     status += f"  held-out {record['eval_psnr_db']:.2f} dB"
                 bar.update(task, completed=step, status=status)
 
-            record = trainer.run(show)
+            record = trainer.run(show, deadline)
+        if trainer.step < config.steps:
+            stderr.print(f"stopped by --time-limit at step {trainer.step} of {config.steps}; --resume continues")
         if not quiet:
             stderr.print(f"step {trainer.step}: {record}; weights in {out / 'model.safetensors'}", highlight=False)
 
