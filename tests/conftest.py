@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     left_out = config.stash.get(LEFT_OUT, 0)
-    if left_out:
+    if left_out and not config.option.collectonly:
         terminalreporter.write_line(f"left out {left_out} tests that need ../shared (absent at {SHARED})")
 
 
