@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +32,7 @@ from ivvae_cli.latent_file import (
     read_latent_header,
     write_latent_file,
 )
-from ivvae_cli.metrics import Metrics, compare_videos, plot_per_frame
+from ivvae_cli.metrics import ERROR_GAIN, Metrics, compare_videos, plot_per_frame
 from ivvae_cli.outputs import atomic_output, check_output
 from ivvae_cli.pipeline import (
     EncodeOptions,
@@ -51,6 +51,7 @@ from ivvae_cli.weights import (
     BUNDLED,
     BUNDLED_NAME,
     PUBLISHED,
+    SAMPLE,
     CheckpointReport,
     LoadedModel,
     cache_folder,
@@ -454,7 +455,7 @@ def reconstruct(
             "sizes": result.sizes,
         }
         if result.metrics is not None:
-            _metrics_report(result.metrics, report, plot, force, show=not quiet or json_path is None)
+            _metrics_report(result.metrics, report, plot, force, quiet, json_path)
         _report(report, json_path)
 
 
@@ -483,7 +484,7 @@ def compare(
         report: dict[str, Any] = {"reference": str(reference), "other": str(other), "frames": counts}
         if counts["a"] != counts["b"] and not quiet:
             stderr.print(f"note: {counts['a']} frames against {counts['b']}; compared the first {len(metrics.psnr)}")
-        _metrics_report(metrics, report, plot, force, show=not quiet or json_path is None)
+        _metrics_report(metrics, report, plot, force, quiet, json_path)
         _report(report, json_path)
 
 
@@ -513,7 +514,11 @@ def _lpips():
         raise IvvaeError(f"{e}; LPIPS not computed (ivvae never downloads networks)") from None
 
 
-def _metrics_report(metrics: Metrics, report: dict, plot: Path | None, force: bool, show: bool) -> None:
+def _metrics_report(
+    metrics: Metrics, report: dict, plot: Path | None, force: bool, quiet: bool, json_path: Path | None
+) -> None:
+    """Add the metrics to ``report``, plot them if asked, and print them: the tables unless the JSON
+    report is all that was asked for or takes stdout, the picture only when not --quiet."""
     summary = metrics.summary()
     report["metrics"] = summary
     report["per_frame"] = metrics.per_frame()
@@ -523,11 +528,40 @@ def _metrics_report(metrics: Metrics, report: dict, plot: Path | None, force: bo
                 plot_per_frame(metrics, tmp)
         except RuntimeError as e:
             raise IvvaeError(str(e)) from None
-    if show:
-        _print_metrics(summary, report.get("sizes"))
+    if str(json_path) != "-" and (not quiet or json_path is None):
+        _print_metrics(summary, report.get("sizes"), None if quiet else report["per_frame"])
 
 
-def _print_metrics(summary: dict, sizes: dict | None) -> None:
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def lowest_per_column(values: list[float], width: int) -> list[int]:
+    """The index of the frame each of at most ``width`` columns shows: every frame when they fit,
+    else the lowest of each run of ceil(n / width) frames, so that a dip is never averaged away."""
+    per = max(1, math.ceil(len(values) / max(1, width)))
+    return [min(range(i, min(i + per, len(values))), key=values.__getitem__) for i in range(0, len(values), per)]
+
+
+def sparkline(values: list[float]) -> str:
+    """One bar per value, from ▁ at the lowest to █ at the highest (eight equal steps)."""
+    lo, hi = min(values, default=0.0), max(values, default=0.0)
+    return "".join(SPARKS[min(7, int((v - lo) / (hi - lo) * 8)) if hi > lo else 3] for v in values)
+
+
+def _print_psnr_picture(console: Console, per_frame: list[dict]) -> None:
+    """Per-frame PSNR as a sparkline binned to the terminal, '^' under the keyframes' columns."""
+    values = [row["psnr_db"] for row in per_frame]
+    shown = lowest_per_column(values, console.width)
+    per = math.ceil(len(values) / len(shown))
+    lo, hi = min(values[i] for i in shown), max(values[i] for i in shown)
+    column = "" if per == 1 else f"; a column: the lowest of {per} frames"
+    console.print(f"PSNR per frame (▁ {lo:.2f} to █ {hi:.2f} dB{column}; ^ keyframe):", highlight=False, soft_wrap=True)
+    console.print(sparkline([values[i] for i in shown]), highlight=False)
+    console.print("".join("^" if per_frame[i]["position"] in ("first", "0") else " " for i in shown).rstrip())
+
+
+def _print_metrics(summary: dict, sizes: dict | None, per_frame: list[dict] | None = None) -> None:
+    """The tables; with ``per_frame``, the PSNR picture under them."""
     console = Console()
     table = Table(title="what was lost", show_header=True)
     for name in ("frames", "PSNR (dB)", "SSIM", "worst PSNR", "worst SSIM", "flicker (levels)"):
@@ -555,6 +589,52 @@ def _print_metrics(summary: dict, sizes: dict | None) -> None:
         console.print(
             f"latent {sizes['latent_bytes']:,} bytes: raw RGB is {sizes['raw_to_latent']}x larger"
             + (f", the source file {sizes['source_to_latent']}x" if "source_to_latent" in sizes else ""),
+            highlight=False,
+        )
+    if per_frame:
+        _print_psnr_picture(console, per_frame)
+
+
+DEMO_FILES = ("reconstruction.mp4", "comparison.mp4", "metrics.json")
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Folder to write into (made if absent).")] = Path("ivvae-demo"),
+    frames: Annotated[int, typer.Option(min=1, help="Frames of the sample to reconstruct (76 in all).")] = 33,
+    short_side: Annotated[int, typer.Option(min=8, help="Resize first to this short side (272: as it is).")] = 128,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job on the sample clip shipped in the package (needs nothing else): reconstruct it with
+    the default model, write the reconstruction, a side-by-side comparison and metrics.json into
+    FOLDER, and print what was lost. The defaults take about a minute on two CPU cores."""
+    with _errors():
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"not a folder: {folder}")
+        there = [name for name in DEMO_FILES if (folder / name).exists()]
+        if there and not force:
+            raise OutputError(f"{folder} holds {', '.join(there)} already (use --force to overwrite)")
+        made = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        reconstruct(
+            SAMPLE, folder / DEMO_FILES[0], metrics=True, compare_video=folder / DEMO_FILES[1], model=model,
+            weights=weights, device=device, frames=frames, short_side=short_side, force=force, quiet=quiet,
+            json_path=folder / DEMO_FILES[2],
+        )  # fmt: skip
+    except BaseException:
+        if made:
+            with suppress(OSError):
+                folder.rmdir()  # only if the run left it empty
+        raise
+    if not quiet:
+        stderr.print(
+            f"wrote {folder}: {DEMO_FILES[0]}, {DEMO_FILES[1]} (source | reconstruction | error x{ERROR_GAIN}) "
+            f"and {DEMO_FILES[2]}",
             highlight=False,
         )
 
@@ -618,6 +698,14 @@ def train(
     checkpoint_every: Annotated[
         int, typer.Option(min=1, help="Save the weights and the state to resume from every this many steps.")
     ] = 250,
+    frame_cache: Annotated[
+        Path | None,
+        typer.Option(help="Keep the decoded frames in this folder: later runs and --resume read them (no PyAV)."),
+    ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(min=0, help="Stop at the last checkpoint that ends within this many seconds; --resume continues."),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -625,6 +713,8 @@ def train(
     """Train or fine-tune IV-VAE on videos; resumable, exactly."""
     from ivvae_cli.train import TrainConfig, Trainer, manifest_videos, run_config
 
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    cache = str(frame_cache) if frame_cache else None
     with _errors():
         new = None
         if not resume:
@@ -640,9 +730,9 @@ def train(
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
                 short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, psnr_weight=psnr_weight,
                 ssim_weight=ssim_weight, bf16=not fp32, decoder_only=decoder_only, seed=seed,
-                checkpoint_every=checkpoint_every,
+                checkpoint_every=checkpoint_every, frame_cache=cache,
             )  # fmt: skip
-        config = run_config(out, new, steps)
+        config = run_config(out, new, steps, cache)
         trainer = Trainer(config, out, select_device(device))
         if not quiet:
             stderr.print(f"training {trainer.model.z_dim}x{trainer.model.dim} from step {trainer.step} in {out}")
@@ -656,7 +746,9 @@ def train(
                     status += f"  held-out {record['eval_psnr_db']:.2f} dB"
                 bar.update(task, completed=step, status=status)
 
-            record = trainer.run(show)
+            record = trainer.run(show, deadline)
+        if trainer.step < config.steps:
+            stderr.print(f"stopped by --time-limit at step {trainer.step} of {config.steps}; --resume continues")
         if not quiet:
             stderr.print(f"step {trainer.step}: {record}; weights in {out / 'model.safetensors'}", highlight=False)
 

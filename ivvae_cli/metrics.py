@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from ivvae_cli.errors import InputError
 from ivvae_cli.model import TEMPORAL_STRIDE
-from ivvae_cli.video import VideoWriter, probe, read_frames, unit_float
 
+# The video module (PyAV) is imported where videos are read or written, so that training, which
+# needs only ssim_torch, runs where PyAV is absent.
 PSNR_CAP = 100.0
 _SIGMA, _RADIUS = 1.5, 5
 
@@ -221,6 +222,8 @@ class ComparisonWriter:
     """A video of source | reconstruction | amplified error, side by side."""
 
     def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction):
+        from ivvae_cli.video import VideoWriter
+
         self.writer = VideoWriter(path, width=3 * width, height=height, frame_rate=frame_rate, time_base=time_base)
 
     def write(self, source: np.ndarray, reconstruction: np.ndarray, pts: list[int]) -> None:
@@ -246,6 +249,8 @@ def compare_videos(
 ) -> tuple[Metrics, dict]:
     """Metrics of video ``b`` against video ``a``, frame by frame (any two videos, any codec).
     Returns the metrics and the frame counts; frames past the shorter video are not compared."""
+    from ivvae_cli.video import probe, read_frames, unit_float
+
     info_a, info_b = probe(a), probe(b)
     if (info_a.width, info_a.height) != (info_b.width, info_b.height):
         raise InputError(f"{a} is {info_a.width}x{info_a.height} but {b} is {info_b.width}x{info_b.height}")

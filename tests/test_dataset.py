@@ -206,6 +206,7 @@ def collection(tmp_path_factory) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_a_collection_with_bad_entries(tmp_path, collection, checkpoint):
     out = tmp_path / "out"
     code, _, err = ivvae("dataset", "encode", collection, out, "-w", checkpoint, *SMALL, "--workers", "2")
@@ -227,6 +228,7 @@ def test_a_collection_with_bad_entries(tmp_path, collection, checkpoint):
 
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_two_processes_under_torchrun_give_what_one_gives(tmp_path, collection, checkpoint):
     args = ["dataset", "encode", str(collection), *SMALL, "-w", str(checkpoint), "--workers", "1", "--max-errors", "3"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun's default; float sums depend on the thread count
