@@ -31,10 +31,16 @@ from safetensors.torch import save_file
 from ivvae_cli.errors import InputError, IvvaeWarning
 from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.version import __version__
-from ivvae_cli.video import MAX_TICKS, audio_problem, writer_ticks
 
 FORMAT_NAME = "ivvae-latent"
 FORMAT_VERSION = 1
+TICKS_PER_FRAME = 8  # outputs put timestamps on a grid of 1/8 frame at the file's rate
+MAX_TICKS = 2**31  # how far from the first frame a timestamp may be, in ticks: what 32-bit container fields hold
+
+
+def writer_ticks(pts: int, time_base: Fraction, frame_rate: Fraction) -> Fraction:
+    """A timestamp in ticks of the writer's grid: 1/8 frame at ``frame_rate``."""
+    return pts * time_base * frame_rate * TICKS_PER_FRAME
 
 
 @dataclass
@@ -190,7 +196,7 @@ def fraction(text: str) -> Fraction:
 
 def _frame_rate(text: str) -> None:
     """The writer ticks 8 times a frame, in a time base of 1 / (8 x rate): that too must fit."""
-    if fraction(text).numerator * 8 >= 2**31:
+    if fraction(text).numerator * TICKS_PER_FRAME >= 2**31:
         raise ValueError("too high for the writer's time base (1/8 frame)")
 
 
@@ -318,6 +324,8 @@ def _inspect(f, report: LatentReport) -> None:
             return
     audio = f.get_tensor("audio").numpy().tobytes() if "audio" in report.tensors else None
     if audio is not None:
+        from ivvae_cli.video import audio_problem  # PyAV: needed for audio only, and not by the package's import
+
         report.audio_problem = audio_problem(audio)
     report.data = LatentFile(header, latent, pts, None if report.audio_problem else audio, logvar)
 
@@ -362,7 +370,7 @@ def _timestamp_problem(pts: np.ndarray, time_base: Fraction, frame_rate: Fractio
         return f"frame {i}'s timestamp ({pts[i]}) is not after frame {i - 1}'s ({pts[i - 1]}): timestamps must increase"
     last = int(pts[-1])
     if writer_ticks(last, time_base, frame_rate) >= MAX_TICKS:
-        limit = MAX_TICKS / (8 * frame_rate)
+        limit = MAX_TICKS / (TICKS_PER_FRAME * frame_rate)
         return (
             f"its last timestamp, {float(last * time_base):.6g} s, is past what containers hold at "
             f"{float(frame_rate):.6g} fps ({float(limit):.6g} s: 2**31 ticks of 1/8 frame)"

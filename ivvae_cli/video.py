@@ -29,6 +29,7 @@ import av
 import numpy as np
 
 from ivvae_cli.errors import InputError, IvvaeWarning, OutputError
+from ivvae_cli.latent_file import MAX_TICKS, TICKS_PER_FRAME, writer_ticks
 
 DECODE_ERRORS = (av.FFmpegError, ValueError)  # what PyAV raises on damaged data (ValueError: 'missing format')
 
@@ -424,15 +425,7 @@ def audio_problem(data: bytes) -> str | None:
     return None
 
 
-TICKS_PER_FRAME = 8
-MAX_TICKS = 2**31  # how far from the first frame a timestamp may be, in ticks: what 32-bit container fields hold
 MAX_GAP = 2**31  # the most between two frames, in the container's time base (MP4 wraps past it, silently)
-
-
-def writer_ticks(pts: int, time_base: Fraction, frame_rate: Fraction) -> Fraction:
-    """A timestamp in ticks of the writer's grid: 1/8 frame at ``frame_rate``."""
-    return pts * time_base * frame_rate * TICKS_PER_FRAME
-
 
 LOSSLESS = {".mkv": "ffv1", ".avi": "ffv1", ".mp4": "libx264rgb", ".mov": "libx264rgb"}
 DEFAULT_CODEC = {".webm": "libvpx-vp9"}  # everything else: H.264
