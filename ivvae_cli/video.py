@@ -161,11 +161,15 @@ def unit_float(frames: np.ndarray) -> np.ndarray:
 
 
 def resized(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """``(width, height)`` scaled so the short side is ``short_side`` (aspect kept, long side rounded)."""
-    if not short_side or min(width, height) == short_side:
+    """``(width, height)`` scaled so the short side is ``short_side`` and the long side is the even
+    number nearest the aspect (as ffmpeg's ``scale=-2``), so that 4:2:0 video holds the result."""
+    if not short_side:
         return width, height
-    scale = short_side / min(width, height)
-    return (short_side, round(height * scale)) if width <= height else (round(width * scale), short_side)
+    if short_side % 2:
+        raise InputError(f"short side {short_side} is odd; use an even one (4:2:0 video needs even sides)")
+    short, long = min(width, height), max(width, height)
+    long_side = max(2, 2 * ((long * short_side + short) // (2 * short)))  # rounded half up, as ffmpeg does
+    return (short_side, long_side) if width <= height else (long_side, short_side)
 
 
 def read_frames(
