@@ -27,6 +27,7 @@ from ivvae_cli.pipeline import (
     MemoryOptions,
     WriteOptions,
     check_model_matches,
+    decode_format,
     decode_latent,
     encode_video,
     expected_frames,
@@ -34,7 +35,7 @@ from ivvae_cli.pipeline import (
     select_device,
 )
 from ivvae_cli.version import __version__
-from ivvae_cli.video import describe_video, probe
+from ivvae_cli.video import OutputFormat, describe_video, probe, resized
 from ivvae_cli.weights import (
     BUNDLED,
     BUNDLED_NAME,
@@ -100,6 +101,25 @@ ComparisonOpt = Annotated[
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Per-frame plot (PNG; needs matplotlib).")]
 LpipsOpt = Annotated[bool, typer.Option("--lpips", help="Also LPIPS, if its package and weights are installed.")]
 LosslessOpt = Annotated[bool, typer.Option(help="Lossless output: FFV1 (.mkv, .avi) or H.264 RGB (.mp4, .mov).")]
+BitDepthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--bit-depth", help="8 or 10 bits per channel (default: 10 for deep sources where the codec holds it)."
+    ),
+]
+ChromaOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (4:2:0; 4:4:4 for an odd side, which few browsers play), 420 (last odd column/row repeated), 444."
+    ),
+]
+
+
+def _explain(fmt: OutputFormat, quiet: bool) -> None:
+    """Say once, before any work, what about the output a user should know (``output_format``)."""
+    if not quiet:
+        for note in fmt.notes:
+            stderr.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 
 def _fail(error: IvvaeError) -> typer.Exit:
@@ -280,6 +300,8 @@ def decode(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    bit_depth: BitDepthOpt = None,
+    chroma: ChromaOpt = "auto",
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
@@ -292,13 +314,15 @@ def decode(
     with _errors():
         data = read_latent_file(input)
         check_output(output, force)
+        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
+        _explain(decode_format(data.header, output, write), quiet)
         loaded, memory = _model_and_memory(
             weights, model or data.header.model, device, dtype, quiet, max_memory, tile_size, tile_overlap,
             groups_per_step,
         )  # fmt: skip
         check_model_matches(data, loaded, str(input))
         with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
-            tiling = decode_latent(data, tmp, loaded, WriteOptions(codec, crf, lossless), memory, progress)
+            tiling = decode_latent(data, tmp, loaded, write, memory, progress)
         if not quiet:
             stderr.print(f"wrote {output}", highlight=False)
         _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
@@ -326,6 +350,8 @@ def reconstruct(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    bit_depth: BitDepthOpt = None,
+    chroma: ChromaOpt = "auto",
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
@@ -339,11 +365,15 @@ def reconstruct(
         info = probe(_input_file(input))
         metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
         lpips_net = _prepare_outputs([output, compare_video, plot], force, lpips)
+        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
+        if output is not None:
+            _explain(
+                write.format(output, *resized(info.width, info.height, short_side), info.colour, info.bit_depth), quiet
+            )
         loaded, memory = _model_and_memory(
             weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
         )
         options = EncodeOptions(start, frames, duration, sample, seed, short_side)
-        write = WriteOptions(codec, crf, lossless)
         with (
             _progress("reconstruct", expected_frames(info, options), quiet) as progress,
             _maybe_atomic(output, force) as tmp,

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ivvae_cli.colour import Colour, written_colour
 from ivvae_cli.errors import InputError
 from ivvae_cli.model import VideoSize
 from ivvae_cli.version import __version__
@@ -50,6 +51,12 @@ class LatentHeader:
     seed: int | None = None
     tiling: dict = field(default_factory=dict)
     audio_codec: str | None = None
+    # The source's colour description as it declared it (absent: undeclared), and its bits per channel.
+    colour_matrix: str | None = None
+    colour_primaries: str | None = None
+    colour_transfer: str | None = None
+    colour_range: str | None = None
+    bit_depth: int | None = None
     tool_version: str = __version__
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -63,6 +70,10 @@ class LatentHeader:
     def padded_size(self) -> VideoSize:
         """The size the model ran at."""
         return VideoSize(self.padded_frames, self.padded_height, self.padded_width)
+
+    @property
+    def colour(self) -> Colour:
+        return Colour(self.colour_matrix, self.colour_primaries, self.colour_transfer, self.colour_range)
 
     def to_metadata(self) -> dict[str, str]:
         """Strings as they are, other values as JSON; None is left out."""
@@ -146,7 +157,8 @@ def looks_like_latent_file(path: Path) -> bool:
 
 
 def describe_latent_file(path: Path) -> dict:
-    """What ``ivvae info`` shows of a latent file: its header, shape and sizes."""
+    """What ``ivvae info`` shows of a latent file: its header, shape and sizes, and the colour
+    ``decode`` writes (YUV; lossless RGB outputs are tagged ``gbr``, full range)."""
     data = read_latent_file(path)
     h = data.header
     raw_bytes = h.source_frames * h.source_height * h.source_width * 3
@@ -161,4 +173,5 @@ def describe_latent_file(path: Path) -> dict:
         "compression_vs_rgb8": round(raw_bytes / file_bytes, 2),
         "elements_ratio": round(raw_bytes / math.prod(data.latent.shape), 2),
         "audio_bytes": len(data.audio) if data.audio else 0,
+        "decode_colour": asdict(written_colour(h.colour, h.source_height, rgb=False)),
     }
