@@ -87,7 +87,10 @@ StartOpt = Annotated[float, typer.Option(min=0, help="Start this many seconds in
 FramesOpt = Annotated[int | None, typer.Option("--frames", min=1, help="Encode at most this many frames.")]
 DurationOpt = Annotated[float | None, typer.Option(min=0, help="Encode at most this many seconds.")]
 ShortSideOpt = Annotated[
-    int | None, typer.Option("--short-side", min=8, help="Resize first so the short side is this many pixels.")
+    int | None,
+    typer.Option(
+        "--short-side", min=8, help="Resize first: short side this many pixels (even), long side to the nearest even."
+    ),
 ]
 SampleOpt = Annotated[bool, typer.Option("--sample/--mean", help="Sample the posterior instead of its mean.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for --sample.")]
