@@ -5,8 +5,8 @@ A stream may declare its matrix (YUV <-> RGB), primaries, transfer function and 
 named as ffmpeg names it (``bt709``, ``smpte170m``, ``tv`` for limited range, ``pc`` for full).
 Where a stream declares no matrix, players guess from its size, as Chromium does: BT.709 for
 pictures 720 lines high or more, BT.601 (SMPTE 170M) below, limited range. ivvae reads untagged
-sources the same way, and writes every video converted with an explicit matrix and range and
-tagged with all four, so that no player has to guess.
+sources the same way. It writes every video tagged with all four, and codes it with the matrix
+and range players assume for its size, so that players which ignore the tags show it right too.
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ TRANSFERS = {
 RANGES = {1: "tv", 2: "pc"}
 UNSPECIFIED = 2  # AVCOL_SPC_UNSPECIFIED, AVCOL_PRI_UNSPECIFIED, AVCOL_TRC_UNSPECIFIED
 
-# The matrices libavfilter's ``scale`` converts with, by the name its options take for each.
-SCALE_MATRICES = {
-    "bt709": "bt709", "fcc": "fcc", "bt470bg": "bt470", "smpte170m": "smpte170m", "smpte240m": "smpte240m",
-    "bt2020nc": "bt2020",
-}  # fmt: skip
+# The matrices ivvae codes YUV with, by the name libavfilter's ``scale`` takes for each.
+SCALE_MATRICES = {"bt709": "bt709", "smpte170m": "smpte170m", "bt2020nc": "bt2020"}
+WIDE_MATRICES = {"bt2020nc"}  # kept as the source declares it: wide-gamut video is played by its tags
 HD_LINES = 720  # from this height on, untagged video is taken as BT.709
 
 
@@ -82,14 +80,16 @@ def number_of(names: dict[int, str], name: str | None, unspecified: int = UNSPEC
 
 
 def written_colour(source: Colour, height: int, rgb: bool) -> Colour:
-    """What a video ivvae writes is converted with and tagged as: the source's declared fields, and
-    the players' assumption for a picture ``height`` lines high for the rest. A source matrix that
-    ``scale`` cannot convert with (an RGB source's, say) gives way to the assumed matrix and range.
+    """What a video ivvae writes, ``height`` lines high, is tagged as and converted with. Primaries
+    and transfer describe the picture: the source's where it declared them, else what players
+    assume for the height. Matrix and range only say how RGB was coded, which ivvae chooses: what
+    players assume for the height (BT.709 from 720 lines, else BT.601; limited), so that players
+    which ignore tags (Chromium's H.264 path, for one) show it right too; a BT.2020 matrix is kept.
     RGB streams are tagged ``gbr``, full range."""
     colour = source.assumed(height)
     if rgb:
         return replace(colour, matrix="gbr", range="pc")
-    if colour.matrix not in SCALE_MATRICES:
-        guess = UNTAGGED.assumed(height)
-        colour = replace(colour, matrix=guess.matrix, range=guess.range)
-    return colour
+    if source.matrix in WIDE_MATRICES:
+        return colour
+    guess = UNTAGGED.assumed(height)
+    return replace(colour, matrix=guess.matrix, range=guess.range)

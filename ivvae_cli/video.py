@@ -5,10 +5,11 @@ Policies (documented in README.md):
   matrix and range the stream declares; an untagged YUV stream with the matrix players assume for
   its size (BT.709 from 720 lines, else BT.601; ``ivvae_cli.colour``), where ffmpeg alone would
   take BT.601 at any size. 16 bits per channel when the source has more than 8.
-- Written videos are converted from RGB with an explicit matrix and range and tagged with them
-  and with the primaries and transfer: the source's where it declared them, else the players'
-  assumption. Sizes with an odd side are written 4:4:4 unless 4:2:0 is asked for, which repeats
-  the last column or row and says so in the file's comment.
+- Written videos are tagged with matrix, primaries, transfer and range, and converted from RGB with
+  that matrix and range: those players assume for the output's size (so that players ignoring
+  tags agree), primaries and transfer as the source declared them (``written_colour``).
+- Sizes with an odd side are written 4:4:4 unless 4:2:0 is asked for, which repeats the last
+  column or row and says so in the file's comment.
 - Rotation metadata is applied: frames come out upright, as players show them.
 - Alpha is dropped: the model codes colour only.
 - Variable frame rate is kept: every decoded frame is used once and keeps its timestamp; outputs
@@ -160,9 +161,7 @@ class _RGBConverter:
         if size is not None:  # (width, height) before rotation
             chain.append(self.graph.add("scale", f"w={size[0]}:h={size[1]}:flags=bicubic+accurate_rnd+full_chroma_int"))
         chain += [self.graph.add("format", "rgb48le" if deep else "rgb24"), self.graph.add("buffersink")]
-        for a, b in itertools.pairwise(chain):
-            a.link_to(b)
-        self.graph.configure()
+        _connect(self.graph, chain)
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         if self.assumed_matrix is not None and frame.colorspace == UNSPECIFIED:
@@ -171,6 +170,13 @@ class _RGBConverter:
         rgb = self.graph.pull().to_ndarray()
         turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
         return np.rot90(rgb, k=turns) if turns else rgb
+
+
+def _connect(graph: av.filter.Graph, chain: list[av.filter.context.FilterContext]) -> None:
+    """Link the filters of ``graph`` one after another and configure it."""
+    for a, b in itertools.pairwise(chain):
+        a.link_to(b)
+    graph.configure()
 
 
 def unit_float(frames: np.ndarray) -> np.ndarray:
@@ -429,9 +435,7 @@ class VideoWriter:
         size = {"width": fmt.coded_width, "height": fmt.coded_height}
         chain = [graph.add_buffer(**size, format=source, time_base=self.time_base), graph.add("scale", args)]
         chain += [graph.add("format", fmt.pix_fmt), graph.add("buffersink")]
-        for a, b in itertools.pairwise(chain):
-            a.link_to(b)
-        graph.configure()
+        _connect(graph, chain)
         return graph
 
     def write(self, frames: np.ndarray, pts: list[int]) -> None:

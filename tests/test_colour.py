@@ -28,18 +28,21 @@ DECLARED = {
     "bt601-pal-pc": Colour("bt470bg", "bt470bg", "smpte170m", "pc"),
     "untagged": Colour(),
     "untagged-pc": Colour(range="pc"),
+    "bt2020-pq": Colour("bt2020nc", "bt2020", "smpte2084", "tv"),
 }
 
 
 def expected_tags(colour: Colour, height: int) -> dict[str, str]:
-    """The spec: declared fields kept; the rest as players assume (Chromium: BT.709 from 720 lines,
-    else BT.601 as SMPTE 170M), limited range."""
+    """The spec: primaries and transfer as declared, else as players assume (Chromium: BT.709 from
+    720 lines, else BT.601 as SMPTE 170M); matrix and range as players assume for the size whatever
+    was declared (limited), so that players ignoring tags agree, except a BT.2020 matrix, kept."""
     guess = "bt709" if height >= 720 else "smpte170m"
+    wide = colour.matrix == "bt2020nc"
     return {
-        "matrix": colour.matrix or guess,
+        "matrix": colour.matrix if wide else guess,
         "primaries": colour.primaries or guess,
         "transfer": colour.transfer or guess,
-        "range": colour.range or "tv",
+        "range": colour.range or "tv" if wide else "tv",
     }
 
 
@@ -201,12 +204,8 @@ def test_info_shows_the_colour_of_latents_and_videos(tmp_path, checkpoint):
     code, out, _ = ivvae("info", tmp_path / "c.latent", "--json", "-")
     report = json.loads(out)
     assert (report["colour_matrix"], report["colour_primaries"], report["colour_range"]) == ("bt709", None, "pc")
-    assert report["decode_colour"] == {
-        "matrix": "bt709",
-        "primaries": "smpte170m",
-        "transfer": "smpte170m",
-        "range": "pc",
-    }
+    sd = "smpte170m"  # 96x64: BT.601, limited, whatever the source coded with (see expected_tags)
+    assert report["decode_colour"] == {"matrix": sd, "primaries": sd, "transfer": sd, "range": "tv"}
     code, out, _ = ivvae("info", tmp_path / "c.latent")
     assert code == 0 and "decode_colour" in out
 
