@@ -3,6 +3,7 @@
 The library's public names; ``ivvae_cli.cli`` is the command line built on them.
 """
 
+from ivvae_cli.dataset import ClipOptions, LatentDataset, encode_dataset, merge_index, read_sources
 from ivvae_cli.latent_file import LatentFile, LatentHeader, read_latent_file, write_latent_file
 from ivvae_cli.model import IVVAE, SPATIAL_STRIDE, TEMPORAL_STRIDE, Posterior, VideoSize
 from ivvae_cli.pipeline import (
@@ -21,7 +22,9 @@ __all__ = [
     "IVVAE",
     "SPATIAL_STRIDE",
     "TEMPORAL_STRIDE",
+    "ClipOptions",
     "EncodeOptions",
+    "LatentDataset",
     "LatentFile",
     "LatentHeader",
     "LoadedModel",
@@ -38,10 +41,13 @@ __all__ = [
     "decode_latent",
     "encode",
     "encode_clip",
+    "encode_dataset",
     "encode_video",
     "find_weights",
     "load_model",
+    "merge_index",
     "read_latent_file",
+    "read_sources",
     "reconstruct_video",
     "write_latent_file",
 ]

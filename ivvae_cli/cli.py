@@ -3,11 +3,14 @@ exit code of their kind (README.md, "Exit codes")."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,8 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from ivvae_cli.errors import InputError, IvvaeError
-from ivvae_cli.latent_file import describe_latent_file, looks_like_latent_file, read_latent_file, write_latent_file
+from ivvae_cli.errors import InputError, IvvaeError, OutputError
+from ivvae_cli.latent_file import (
+    describe_latent_file,
+    find_latent_files,
+    looks_like_latent_file,
+    read_latent_file,
+    read_latent_header,
+    write_latent_file,
+)
 from ivvae_cli.metrics import Metrics, compare_videos, plot_per_frame
 from ivvae_cli.outputs import atomic_output, check_output
 from ivvae_cli.pipeline import (
@@ -294,8 +304,10 @@ def encode(
 
 @app.command()
 def decode(
-    input: Annotated[Path, typer.Argument(help="Latent file.")],
-    output: Annotated[Path, typer.Argument(help="Video file to write; the extension picks the container.")],
+    input: Annotated[Path, typer.Argument(help="Latent file, or a folder or glob of them.")],
+    output: Annotated[
+        Path, typer.Argument(help="Video file to write (the extension picks the container), or a folder for many.")
+    ],
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -309,15 +321,22 @@ def decode(
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = 1,
+    ext: Annotated[str, typer.Option(help="With a folder or glob: the container of the videos written.")] = "mp4",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
-    """Decode a latent file into a video with the source's frame count, size, timing and audio."""
+    """Decode a latent file into a video with the source's frame count, size, timing and audio; or
+    every latent file of a folder or glob (e.g. a diffusion model's output) into a folder of videos,
+    with one model load."""
     with _errors():
+        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
+        if input.is_dir() or glob.has_magic(str(input)):
+            options = (weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step)
+            _decode_many(str(input), output, ext, options, write, force, quiet, json_path)
+            return
         data = read_latent_file(input)
         check_output(output, force)
-        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
         _explain(decode_format(data.header, output, write), quiet)
         loaded, memory = _model_and_memory(
             weights, model or data.header.model, device, dtype, quiet, max_memory, tile_size, tile_overlap,
@@ -330,6 +349,51 @@ def decode(
             stderr.print(f"wrote {output}", highlight=False)
         _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
                 json_path)  # fmt: skip
+
+
+def _decode_many(
+    spec: str,
+    folder: Path,
+    ext: str,
+    model_options: tuple,
+    write: WriteOptions,
+    force: bool,
+    quiet: bool,
+    json_path: Path | None,
+) -> None:
+    """Every latent file of a folder or glob into ``folder``, mirroring their paths; a file that
+    fails is reported and the rest go on."""
+    files = find_latent_files(spec)
+    if not files:
+        raise InputError(f"no latent files in {spec}")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"with many latent files the output is a folder: {folder} is a file")
+    targets = [(path, folder / relative.with_suffix(f".{ext.lstrip('.')}")) for path, relative in files]
+    existing = [t for _, t in targets if t.exists()]
+    if existing and not force:
+        raise OutputError(f"{len(existing)} outputs exist, e.g. {existing[0]} (use --force to overwrite)")
+    first = read_latent_header(files[0][0])
+    weights, model, *rest = model_options
+    loaded, memory = _model_and_memory(weights, model or first.model, *rest)
+    folder.mkdir(exist_ok=True)
+    failures, written = [], []
+    with _progress(f"decode {len(files)} files", None, quiet) as progress:
+        for path, target in targets:
+            try:
+                data = read_latent_file(path)
+                check_model_matches(data, loaded, str(path))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_output(target, force) as tmp:
+                    decode_latent(data, tmp, loaded, write, memory, progress)
+                written.append(str(target))
+            except IvvaeError as e:
+                failures.append({"input": str(path), "reason": str(e)})
+                stderr.print(f"[red]failed:[/] {e}", highlight=False, soft_wrap=True)
+    if not quiet:
+        stderr.print(f"wrote {len(written)} videos into {folder}", highlight=False)
+    _report({"inputs": len(files), "written": written, "failed": failures}, json_path)
+    if failures:
+        raise InputError(f"{len(failures)} of {len(files)} latent files failed")
 
 
 @app.command()
@@ -595,6 +659,170 @@ def train(
             record = trainer.run(show)
         if not quiet:
             stderr.print(f"step {trainer.step}: {record}; weights in {out / 'model.safetensors'}", highlight=False)
+
+
+dataset_app = typer.Typer(
+    help="Turn a video collection into a latent dataset, on one device or many (torchrun, srun).",
+    no_args_is_help=True,
+)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("encode")
+def dataset_encode(
+    source: Annotated[str, typer.Argument(help="A manifest (.csv, .tsv, .jsonl, .parquet), a folder or a glob.")],
+    out: Annotated[Path, typer.Argument(help="The dataset folder; running the same command again resumes.")],
+    frames: Annotated[
+        int | None, typer.Option("--frames", help="Frames per clip, 1 + 4k (default 33; none with --clips full).")
+    ] = None,
+    clips: Annotated[str, typer.Option(help="head (first clip), chunk (consecutive), slide, full (whole).")] = "head",
+    stride: Annotated[int | None, typer.Option(min=1, help="--clips slide: frames between clip starts.")] = None,
+    target_fps: Annotated[
+        str | None, typer.Option(help="Drop or repeat frames by timestamp to this rate, e.g. 24 or 30000/1001.")
+    ] = None,
+    short_side: ShortSideOpt = None,
+    buckets: Annotated[
+        str | None, typer.Option(help="WxH,WxH,...: each clip to the nearest aspect, resized to cover, centre-cropped.")
+    ] = None,
+    posterior: Annotated[str, typer.Option(help="mean, sample, or both (mean and log variance stored).")] = "mean",
+    seed: Annotated[int, typer.Option(help="With --posterior sample: the seed of every clip's noise.")] = 0,
+    path_column: Annotated[str, typer.Option(help="Manifest column of video paths.")] = "path",
+    id_column: Annotated[str, typer.Option(help="Manifest column of clip ids.")] = "id",
+    start_column: Annotated[str, typer.Option(help="Manifest column where a span starts.")] = "start",
+    end_column: Annotated[str, typer.Option(help="Manifest column where a span ends.")] = "end",
+    span_unit: Annotated[str, typer.Option(help="Unit of the span columns: frames or seconds.")] = "frames",
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    max_memory: MemoryOpt = None,
+    tile_size: TileOpt = None,
+    tile_overlap: OverlapOpt = None,
+    groups_per_step: GroupsOpt = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Processes decoding video beside the model (0: in turn).")] = 2,
+    max_errors: Annotated[int, typer.Option(min=0, help="Exit non-zero when more sources than this fail.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Re-encode into a folder made with other options or weights.")
+    ] = False,
+    log_every: Annotated[float, typer.Option(help="Seconds between each process's log lines (0: none).")] = 60.0,
+    quiet: QuietOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Encode every clip of a collection into latent files and an index, resumably, on every device
+    torchrun (or srun) starts: each process takes its share of the sorted work list."""
+    from ivvae_cli import dataset
+
+    with _errors():
+        world = dataset.World.from_environment()
+        columns = dataset.Columns(path_column, id_column, start_column, end_column, span_unit)
+        sources = dataset.read_sources(source, columns)
+        options = dataset.ClipOptions(
+            frames=frames if frames is not None or clips == "full" else 33, mode=clips, stride=stride,
+            target_fps=_fraction(target_fps, "--target-fps"), short_side=short_side,
+            buckets=dataset.parse_buckets(buckets) if buckets else (), posterior=posterior, seed=seed,
+        )  # fmt: skip
+        share = world.share(len(sources))
+        talk = not quiet and world.local_rank == 0
+        if not share:
+            if talk:
+                stderr.print(f"{world}: no work ({len(sources)} sources for {world.size} processes)")
+            return
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
+        loaded, memory = _model_and_memory(
+            weights, model, device, dtype, not talk, max_memory, tile_size, tile_overlap, groups_per_step
+        )
+        where = source if glob.has_magic(source) else str(Path(source).absolute())
+        spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint)
+        dataset.prepare_folder(out, spec, overwrite)
+        with _dataset_progress(world, len(share), talk, 0 if quiet else log_every) as progress:
+            tally, merged = dataset.encode_dataset(
+                sources, out, loaded, spec, world=world, memory=memory, workers=workers, progress=progress
+            )
+        report = {
+            "rank": world.rank, "world_size": world.size, "sources": tally.sources, "clips_written": tally.written,
+            "clips_existing": tally.existing, "sources_skipped": tally.skipped, "sources_failed": tally.failed,
+            "seconds": round(tally.seconds, 2), "clips_per_s": round(tally.written / max(tally.seconds, 1e-9), 3),
+            "model_busy": round(tally.model_seconds / max(tally.seconds, 1e-9), 3), "index": merged,
+        }  # fmt: skip
+        if not quiet:
+            stderr.print(_dataset_line(world, tally), highlight=False)
+            if merged is not None:
+                stderr.print(
+                    f"index: {merged['clips']} clips in {out / 'index.jsonl'}; {merged['sources_failed']} sources "
+                    f"failed (errors.jsonl), {merged['sources_skipped']} too short",
+                    highlight=False,
+                )
+        _report(report, json_path)
+        if tally.failed > max_errors:
+            raise InputError(f"{tally.failed} sources failed (more than --max-errors {max_errors}); see {out}/failures")
+
+
+@dataset_app.command("merge")
+def dataset_merge(
+    out: Annotated[Path, typer.Argument(help="A dataset folder.")],
+    json_path: JsonOpt = None,
+) -> None:
+    """Write the index of a dataset folder from what its processes have finished (each job's last
+    process does this by itself)."""
+    from ivvae_cli.dataset import merge_index
+
+    with _errors():
+        counts = merge_index(out)
+        if json_path is None:
+            stderr.print(
+                f"index: {counts['clips']} clips; {counts['sources_failed']} sources failed, "
+                f"{counts['sources_skipped']} too short, {counts['sources_pending']} not done yet",
+                highlight=False,
+            )
+        _report(counts, json_path)
+
+
+def _fraction(text: str | None, option: str) -> Fraction | None:
+    if text is None:
+        return None
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise IvvaeError(f"{option}: not a number or fraction: '{text}'") from None
+
+
+def _dataset_line(world, tally) -> str:
+    rate = tally.written / max(tally.seconds, 1e-9)
+    busy = tally.model_seconds / max(tally.seconds, 1e-9)
+    return (
+        f"[{world}] {tally.done}/{tally.sources} sources: {tally.written} clips written, {tally.existing} "
+        f"already there, {tally.skipped} sources too short, {tally.failed} failed; {rate:.2f} clips/s, "
+        f"model busy {busy:.0%}"
+    )
+
+
+@contextmanager
+def _dataset_progress(world, total: int, bar: bool, log_every: float) -> Iterator[Callable]:
+    """A progress bar on each node's first process, and every process's log line now and then."""
+    last_log = time.perf_counter()
+
+    def log(tally) -> None:
+        nonlocal last_log
+        if log_every and time.perf_counter() - last_log >= log_every:
+            last_log = time.perf_counter()
+            stderr.print(_dataset_line(world, tally), highlight=False)
+
+    if not bar:
+        yield log
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("sources"),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=stderr) as progress:
+        task = progress.add_task(f"encode {world}" if world.size > 1 else "encode", total=total, status="")
+
+        def update(tally) -> None:
+            rate = tally.written / max(tally.seconds, 1e-9)
+            status = f"{tally.written} clips ({rate:.2f}/s), {tally.existing} there, {tally.skipped} short, "
+            progress.update(task, completed=tally.done, status=f"{status}{tally.failed} failed")
+            log(tally)
+
+        yield update
 
 
 weights_app = typer.Typer(help="Find, download, verify and convert IV-VAE checkpoints.", no_args_is_help=True)

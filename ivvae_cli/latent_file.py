@@ -1,12 +1,14 @@
 """The latent file: one video's latent and everything needed to decode it, in plain safetensors.
 
 Tensors: ``latent`` (1, z_dim, T', h, w); ``frame_pts`` (T,) int64, each source frame's timestamp
-in ``time_base`` units; ``audio`` (N,) uint8, optional, the source's audio remuxed into Matroska.
+in ``time_base`` units; ``audio`` (N,) uint8, optional, the source's audio remuxed into Matroska;
+``logvar`` (as ``latent``), with posterior "both": the posterior's log variance, to draw samples.
 Metadata (all strings) holds the fields of ``LatentHeader``; docs/latent-format.md describes each.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -47,7 +49,7 @@ class LatentHeader:
     padded_height: int
     padded_width: int
     dtype: str
-    posterior: str  # "mean" or "sample"
+    posterior: str  # "mean", "sample", or "both" (the mean as ``latent``, and ``logvar``)
     seed: int | None = None
     tiling: dict = field(default_factory=dict)
     audio_codec: str | None = None
@@ -57,6 +59,7 @@ class LatentHeader:
     colour_transfer: str | None = None
     colour_range: str | None = None
     bit_depth: int | None = None
+    clip: dict | None = None  # a dataset clip: its source, span, geometry and the job's options
     tool_version: str = __version__
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -97,6 +100,7 @@ class LatentFile:
     latent: torch.Tensor
     frame_pts: np.ndarray
     audio: bytes | None = None
+    logvar: torch.Tensor | None = None
 
 
 def write_latent_file(path: Path, data: LatentFile) -> None:
@@ -107,6 +111,8 @@ def write_latent_file(path: Path, data: LatentFile) -> None:
     }
     if data.audio:
         tensors["audio"] = torch.frombuffer(bytearray(data.audio), dtype=torch.uint8)
+    if data.logvar is not None:
+        tensors["logvar"] = data.logvar.detach().to("cpu").contiguous()
     save_file(tensors, str(path), metadata=data.header.to_metadata())
 
 
@@ -135,6 +141,7 @@ def read_latent_file(path: str | Path) -> LatentFile:
             latent = f.get_tensor("latent")
             pts = f.get_tensor("frame_pts").numpy()
             audio = f.get_tensor("audio").numpy().tobytes() if "audio" in names else None
+            logvar = f.get_tensor("logvar") if "logvar" in names else None
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{path} is truncated or not a safetensors file ({e})") from None
     header = LatentHeader.from_metadata(meta, path)
@@ -144,7 +151,21 @@ def read_latent_file(path: str | Path) -> LatentFile:
         raise InputError(f"{path}: latent shape {tuple(latent.shape)} does not match its header {expected}")
     if len(pts) != header.source_frames:
         raise InputError(f"{path}: {len(pts)} timestamps for {header.source_frames} frames")
-    return LatentFile(header, latent, pts, audio)
+    if (header.posterior == "both") != (logvar is not None) or (logvar is not None and logvar.shape != latent.shape):
+        raise InputError(f"{path}: posterior '{header.posterior}' with {'a' if logvar is not None else 'no'} logvar")
+    return LatentFile(header, latent, pts, audio, logvar)
+
+
+def read_latent_header(path: Path) -> LatentHeader:
+    """The header alone (no tensor is read): enough to tell what made a latent file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path} is truncated or not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise InputError(f"{path} is not an ivvae latent file (no '{FORMAT_NAME}' format tag)")
+    return LatentHeader.from_metadata(meta, path)
 
 
 def looks_like_latent_file(path: Path) -> bool:
@@ -175,3 +196,17 @@ def describe_latent_file(path: Path) -> dict:
         "audio_bytes": len(data.audio) if data.audio else 0,
         "decode_colour": asdict(written_colour(h.colour, h.source_height, rgb=False)),
     }
+
+
+def find_latent_files(spec: str | Path) -> list[tuple[Path, Path]]:
+    """The latent files (``*.latent``, ``*.safetensors``) under a folder, recursively, or matching a
+    glob pattern: ``(path, path relative to the folder or the pattern's fixed part)``, sorted."""
+    text = str(spec)
+    if Path(text).is_dir():
+        root = Path(text)
+        paths = [p for p in root.rglob("*") if p.suffix in (".latent", ".safetensors") and p.is_file()]
+    else:
+        fixed = Path(text.split("*")[0].split("?")[0].split("[")[0] or ".")
+        root = fixed if fixed.is_dir() else fixed.parent
+        paths = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+    return sorted((p, p.relative_to(root)) for p in paths)

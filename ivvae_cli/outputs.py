@@ -21,11 +21,24 @@ def check_output(path: Path, force: bool) -> None:
         raise OutputError(f"output folder does not exist: {path.parent}")
 
 
+def _partial(path: Path, pid: int | str) -> Path:
+    return path.with_name(f".{path.stem}.partial-{pid}{path.suffix}")
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Remove what killed processes left while writing ``path`` (for outputs only one process
+    writes at a time: another's temporary file may be in progress otherwise)."""
+    mine = _partial(path, os.getpid())
+    for leftover in path.parent.glob(_partial(path, "*").name):
+        if leftover != mine:
+            leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_output(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary path with the same extension; rename it to ``path`` on success."""
     check_output(path, force)
-    temporary = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    temporary = _partial(path, os.getpid())
     try:
         yield temporary
         os.replace(temporary, path)

@@ -192,7 +192,7 @@ class _Stream(ABC):
         self.tiles: _TileRunner | None = None
         self.pending: Tensor | None = None  # frames-major, (B, t, C, H, W), on the model's device
 
-    def _run(self, x: Tensor) -> Tensor:
+    def _run(self, x: Tensor):
         """Buffer ``x`` (frames-major) and run every step it completes; outputs as ``(B, C, t, H, W)``."""
         if self.pending is not None and self.pending.shape[1]:
             x = torch.cat([self.pending, x], dim=1)
@@ -206,7 +206,7 @@ class _Stream(ABC):
             parts.append(self._step(self._take(self.inputs_per_step)))
         return self._collect(parts)
 
-    def _close(self, last: Tensor) -> Tensor:
+    def _close(self, last: Tensor):
         """Run ``last`` (frames-major, possibly empty) as the final step and release the tiles."""
         parts = [self._step(last)] if last.shape[1] else []
         if self.pending is not None:
@@ -220,7 +220,7 @@ class _Stream(ABC):
         taken, self.pending = self.pending[:, :n], self.pending[:, n:]
         return taken
 
-    def _collect(self, parts: list[Tensor]) -> Tensor:
+    def _collect(self, parts: list[Tensor]):
         """Step outputs ``(B, T, C, H, W)`` -> ``(B, C, T, H, W)``."""
         if parts:
             return torch.cat(parts, dim=1).transpose(1, 2)
@@ -245,7 +245,9 @@ class StreamEncoder(_Stream):
     returns the latent frames ``(B, z_dim, t', ceil(H/8), ceil(W/8))`` it completes; ``finish()``
     repeats the last frame to close the last group and returns the rest. Latents are the posterior
     mean unless ``sample``; sampled noise is drawn frame by frame, so it too does not depend on
-    ``groups_per_step``.
+    ``groups_per_step``. With ``with_logvar`` both return a ``Posterior`` of the latent and the
+    posterior's log variance, so that samples can be drawn later (a training set drawing anew each
+    epoch).
     """
 
     scale_in, scale_out = SPATIAL_STRIDE, 1
@@ -258,9 +260,10 @@ class StreamEncoder(_Stream):
         generator: torch.Generator | None = None,
         groups_per_step: int = 1,
         tiling: Tiling | None = None,
+        with_logvar: bool = False,
     ):
         super().__init__(model, groups_per_step, tiling, TEMPORAL_STRIDE * groups_per_step)
-        self.sample, self.generator = sample, generator
+        self.sample, self.generator, self.with_logvar = sample, generator, with_logvar
         self.frames_in = 0
         self.shape: tuple[int, int, int] | None = None  # batch, height, width
 
@@ -271,7 +274,7 @@ class StreamEncoder(_Stream):
             raise ValueError("no frames were pushed")
         return VideoSize(self.frames_in, self.shape[1], self.shape[2])
 
-    def push(self, video: Tensor) -> Tensor:
+    def push(self, video: Tensor) -> Tensor | Posterior:
         b, c, t, h, w = video.shape
         if c != 3:
             raise ValueError(f"expected 3 colour channels, got {c}")
@@ -287,7 +290,7 @@ class StreamEncoder(_Stream):
         self.frames_in += t
         return self._run(frames)
 
-    def finish(self) -> Tensor:
+    def finish(self) -> Tensor | Posterior:
         """Encode what is left, padding the last group by repeating the last frame."""
         if self.pending is None or self.frames_in == 0:
             raise ValueError("no frames were pushed")
@@ -301,10 +304,17 @@ class StreamEncoder(_Stream):
         assert self.tiles is not None
         posterior = Posterior(*self.tiles(frames, self.model.encode_step))
         z = posterior.sample(self.generator, frame_by_frame=True) if self.sample else posterior.mode()
-        return self.model.scale_latent(z)
+        latent = self.model.scale_latent(z)
+        # Mean and log variance side by side on channels, so that they stream as one tensor.
+        return torch.cat([latent, posterior.logvar], dim=2) if self.with_logvar else latent
+
+    def _collect(self, parts: list[Tensor]) -> Tensor | Posterior:
+        out = super()._collect(parts)
+        return Posterior(*out.chunk(2, dim=1)) if self.with_logvar else out
 
     def _output_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        return self.model.z_dim, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE
+        channels = 2 * self.model.z_dim if self.with_logvar else self.model.z_dim
+        return channels, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE
 
 
 class StreamDecoder(_Stream):

@@ -203,13 +203,14 @@ def read_frames(
     max_frames: int | None = None,
     chunk: int = 8,
     size: tuple[int, int] | None = None,
+    info: VideoInfo | None = None,
 ) -> Iterator[tuple[np.ndarray, list[int]]]:
     """Yield ``(frames, pts)``: RGB ``(t, H, W, 3)``, uint8 (uint16 for sources deeper than 8 bits;
     ``unit_float`` converts), and each frame's timestamp in the stream's time base, ``chunk``
     frames at a time, from ``start`` seconds on; resized (bicubic) to ``size`` (width, height as
-    displayed) if given."""
+    displayed) if given. ``info``: the file's ``probe``, when the caller has it already."""
     path = Path(path)
-    info = probe(path)
+    info = info or probe(path)
     if size == (info.width, info.height):
         size = None
     elif size is not None and info.rotation in (90, 270):
