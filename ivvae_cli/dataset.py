@@ -597,6 +597,7 @@ class _ClipReader(IterableDataset):
                     "scale": float(np.iinfo(frames.dtype).max), "pts": torch.tensor(pts, dtype=torch.int64),
                     "last": last, "rate": str(rate), "time_base": str(info.time_base),
                     "geometry": asdict(geometry), "source_size": [info.width, info.height],
+                    "colour": asdict(info.colour), "bit_depth": info.bit_depth,
                 }  # fmt: skip
         except IvvaeError as e:
             yield {"kind": "failed", "source": index, "stage": "decode", "reason": str(e)}
@@ -806,6 +807,7 @@ class _Job:
             padded_width=padded.width, dtype=str(self.dtype).removeprefix("torch."), posterior=options.posterior,
             seed=clip_seed(options.seed, source, message["start"]) if options.posterior == "sample" else None,
             tiling=opened.stream.tiling.describe(padded.latent()),
+            **{f"colour_{key}": value for key, value in message["colour"].items()}, bit_depth=message["bit_depth"],
             clip={
                 "source": source.key, "id": source.id, "start_frame": message["start"],
                 "end_frame": message["start"] + size.frames if options.mode != "full" else None,

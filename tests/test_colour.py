@@ -13,6 +13,7 @@ import pytest
 from safetensors import safe_open
 
 from ivvae_cli.colour import Colour
+from ivvae_cli.latent_file import read_latent_file
 from ivvae_cli.metrics import compare_videos
 from ivvae_cli.video import VideoWriter, output_format, read_frames, unit_float
 
@@ -217,3 +218,18 @@ def test_an_odd_short_side_is_refused_in_one_line(tmp_path, checkpoint):
     code, _, err = ivvae("encode", src, tmp_path / "x.latent", "--short-side", "33", "-w", checkpoint, "-q")
     assert code == 3 and "odd" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.latent").exists()
+
+
+@pytest.mark.e2e
+def test_dataset_latents_record_the_colour_too(tmp_path, checkpoint):
+    (tmp_path / "in").mkdir()
+    ffmpeg_yuv_clip(tmp_path / "in" / "a.mkv", patches(96, 64), "bt709", full=True, tagged=True)
+    code, _, err = ivvae(
+        "dataset", "encode", tmp_path / "in", tmp_path / "out", "-w", checkpoint, "--frames", "1", "-q"
+    )
+    assert code == 0, err
+    (latent,) = (tmp_path / "out").rglob("*.latent")
+    h = read_latent_file(latent).header
+    assert (h.colour_matrix, h.colour_primaries, h.colour_transfer, h.colour_range, h.bit_depth) == (
+        "bt709", None, None, "pc", 8,
+    )  # fmt: skip
