@@ -39,6 +39,7 @@ from ivvae_cli.pipeline import (
     MemoryOptions,
     WriteOptions,
     check_model_matches,
+    decode_format,
     decode_latent,
     encode_video,
     expected_frames,
@@ -46,7 +47,7 @@ from ivvae_cli.pipeline import (
     select_device,
 )
 from ivvae_cli.version import __version__
-from ivvae_cli.video import describe_video, probe
+from ivvae_cli.video import OutputFormat, describe_video, probe, resized
 from ivvae_cli.weights import (
     BUNDLED,
     BUNDLED_NAME,
@@ -99,7 +100,10 @@ StartOpt = Annotated[float, typer.Option(min=0, help="Start this many seconds in
 FramesOpt = Annotated[int | None, typer.Option("--frames", min=1, help="Encode at most this many frames.")]
 DurationOpt = Annotated[float | None, typer.Option(min=0, help="Encode at most this many seconds.")]
 ShortSideOpt = Annotated[
-    int | None, typer.Option("--short-side", min=8, help="Resize first so the short side is this many pixels.")
+    int | None,
+    typer.Option(
+        "--short-side", min=8, help="Resize first: short side this many pixels (even), long side to the nearest even."
+    ),
 ]
 SampleOpt = Annotated[bool, typer.Option("--sample/--mean", help="Sample the posterior instead of its mean.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for --sample.")]
@@ -120,6 +124,25 @@ SkipErrorsOpt = Annotated[
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="Refuse a latent file whose audio cannot be read (default: leave it out).")
 ]
+BitDepthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--bit-depth", help="8 or 10 bits per channel (default: 10 for deep sources where the codec holds it)."
+    ),
+]
+ChromaOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (4:2:0; 4:4:4 for an odd side, which few browsers play), 420 (last odd column/row repeated), 444."
+    ),
+]
+
+
+def _explain(fmt: OutputFormat, quiet: bool) -> None:
+    """Say once, before any work, what about the output a user should know (``output_format``)."""
+    if not quiet:
+        for note in fmt.notes:
+            stderr.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 
 def _fail(error: IvvaeError) -> typer.Exit:
@@ -315,6 +338,8 @@ def decode(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    bit_depth: BitDepthOpt = None,
+    chroma: ChromaOpt = "auto",
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
@@ -329,20 +354,21 @@ def decode(
     every latent file of a folder or glob (e.g. a diffusion model's output) into a folder of videos,
     with one model load."""
     with _errors(quiet):
+        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
         if input.is_dir() or glob.has_magic(str(input)):
             options = (weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step)
-            write = WriteOptions(codec, crf, lossless)
             _decode_many(str(input), output, ext, options, write, force, quiet, json_path, strict)
             return
         data = read_latent_file(input, strict=strict)
         check_output(output, force)
+        _explain(decode_format(data.header, output, write), quiet)
         loaded, memory = _model_and_memory(
             weights, model or data.header.model, device, dtype, quiet, max_memory, tile_size, tile_overlap,
             groups_per_step,
         )  # fmt: skip
         check_model_matches(data, loaded, str(input))
         with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
-            tiling = decode_latent(data, tmp, loaded, WriteOptions(codec, crf, lossless), memory, progress)
+            tiling = decode_latent(data, tmp, loaded, write, memory, progress)
         if not quiet:
             stderr.print(f"wrote {output}", highlight=False)
         _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
@@ -416,6 +442,8 @@ def reconstruct(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    bit_depth: BitDepthOpt = None,
+    chroma: ChromaOpt = "auto",
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
@@ -430,11 +458,15 @@ def reconstruct(
         info = probe(_input_file(input))
         metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
         lpips_net = _prepare_outputs([output, compare_video, plot], force, lpips)
+        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
+        if output is not None:
+            _explain(
+                write.format(output, *resized(info.width, info.height, short_side), info.colour, info.bit_depth), quiet
+            )
         loaded, memory = _model_and_memory(
             weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
         )
         options = EncodeOptions(start, frames, duration, sample, seed, short_side, skip_errors)
-        write = WriteOptions(codec, crf, lossless)
         with (
             _progress("reconstruct", expected_frames(info, options), quiet) as progress,
             _maybe_atomic(output, force) as tmp,
@@ -840,11 +872,7 @@ def dataset_encode(
         if not quiet:
             stderr.print(_dataset_line(world, tally), highlight=False)
             if merged is not None:
-                stderr.print(
-                    f"index: {merged['clips']} clips in {out / 'index.jsonl'}; {merged['sources_failed']} sources "
-                    f"failed (errors.jsonl), {merged['sources_skipped']} too short",
-                    highlight=False,
-                )
+                stderr.print(_index_line(out, merged), highlight=False)
         _report(report, json_path)
         if tally.failed > max_errors:
             raise InputError(f"{tally.failed} sources failed (more than --max-errors {max_errors}); see {out}/failures")
@@ -862,12 +890,16 @@ def dataset_merge(
     with _errors():
         counts = merge_index(out)
         if json_path is None:
-            stderr.print(
-                f"index: {counts['clips']} clips; {counts['sources_failed']} sources failed, "
-                f"{counts['sources_skipped']} too short, {counts['sources_pending']} not done yet",
-                highlight=False,
-            )
+            stderr.print(_index_line(out, counts), highlight=False)
         _report(counts, json_path)
+
+
+def _index_line(out: Path, counts: dict) -> str:
+    line = (
+        f"index: {counts['clips']} clips in {out / 'index.jsonl'}; {counts['sources_failed']} sources failed "
+        f"(errors.jsonl), {counts['sources_skipped']} too short, {counts['sources_warned']} with warnings (records/)"
+    )
+    return line + (f", {counts['sources_pending']} not done yet" if counts["sources_pending"] else "")
 
 
 def _fraction(text: str | None, option: str) -> Fraction | None:

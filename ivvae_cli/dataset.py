@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ivvae_cli.errors import InputError, IvvaeError, OutputError
+from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
 from ivvae_cli.latent_file import LatentFile, LatentHeader, read_latent_header, write_latent_file
 from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.outputs import atomic_output, remove_stale_partials
@@ -518,12 +519,13 @@ def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, 
         raise InputError(f"{folder} holds no ivvae dataset (no dataset.json)")
     sources = sources if sources is not None else read_sources(spec.source, spec.columns)
     layout = Layout(folder)
-    rows, errors, pending, skipped = [], [], 0, 0
+    rows, errors, pending, skipped, warned = [], [], 0, 0, 0
     for source in sources:
         record = _record(layout, source, spec.fingerprint)
         if record is not None:
             rows += record["rows"]
             skipped += record.get("skipped") is not None
+            warned += bool(record.get("warnings"))
             continue
         failure = _read_json(layout.failure(source))
         if failure is not None:
@@ -535,7 +537,7 @@ def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, 
             tmp.write_text("".join(json.dumps(item, default=str) + "\n" for item in items))
     parquet = _write_parquet(folder / "index.parquet", rows)
     return {"clips": len(rows), "sources_failed": len(errors), "sources_pending": pending,
-            "sources_skipped": skipped, "parquet": parquet}  # fmt: skip
+            "sources_skipped": skipped, "sources_warned": warned, "parquet": parquet}  # fmt: skip
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> bool:
@@ -574,6 +576,13 @@ class _ClipReader(IterableDataset):
             yield from self._source(index, source)
 
     def _source(self, index: int, source: Source) -> Iterator[dict[str, Any]]:
+        """One source's messages; what ivvae warns of while reading it (e.g. broken timestamps
+        replaced by the declared rate) goes into its record instead of the terminal."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IvvaeWarning)
+            yield from self._pieces(index, source, caught)
+
+    def _pieces(self, index: int, source: Source, caught: list) -> Iterator[dict[str, Any]]:
         clips, done = 0, None
         try:
             info = probe(source.path)
@@ -597,6 +606,7 @@ class _ClipReader(IterableDataset):
                     "scale": float(np.iinfo(frames.dtype).max), "pts": torch.tensor(pts, dtype=torch.int64),
                     "last": last, "rate": str(rate), "time_base": str(info.time_base),
                     "geometry": asdict(geometry), "source_size": [info.width, info.height],
+                    "colour": asdict(info.colour), "bit_depth": info.bit_depth,
                 }  # fmt: skip
         except IvvaeError as e:
             yield {"kind": "failed", "source": index, "stage": "decode", "reason": str(e)}
@@ -608,7 +618,8 @@ class _ClipReader(IterableDataset):
         if clips == 0:
             needs = "a frame" if self.options.mode == "full" else f"{self.options.frames} frames"
             short = f"too short: no clip of {needs} in its span"
-        yield {"kind": "end", "source": index, "skipped": short}
+        said = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, IvvaeWarning)))
+        yield {"kind": "end", "source": index, "skipped": short, "warnings": said}
 
     def _written(self, source: Source, name: str) -> bool:
         """Whether an earlier run wrote this clip with the same settings (a resumed job)."""
@@ -726,7 +737,8 @@ class _Job:
             elif kind == "end":
                 rows = self.rows.pop(index, [])
                 _write_json(self.layout.record(source), {"fingerprint": self.spec.fingerprint, "rows": rows,
-                                                         "skipped": message["skipped"]})  # fmt: skip
+                                                         "skipped": message["skipped"],
+                                                         "warnings": message["warnings"]})  # fmt: skip
                 self.layout.failure(source).unlink(missing_ok=True)
                 self.tally.done += 1
                 self.tally.skipped += message["skipped"] is not None
@@ -806,6 +818,7 @@ class _Job:
             padded_width=padded.width, dtype=str(self.dtype).removeprefix("torch."), posterior=options.posterior,
             seed=clip_seed(options.seed, source, message["start"]) if options.posterior == "sample" else None,
             tiling=opened.stream.tiling.describe(padded.latent()),
+            **{f"colour_{key}": value for key, value in message["colour"].items()}, bit_depth=message["bit_depth"],
             clip={
                 "source": source.key, "id": source.id, "start_frame": message["start"],
                 "end_frame": message["start"] + size.frames if options.mode != "full" else None,

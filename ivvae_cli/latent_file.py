@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ivvae_cli.colour import MATRICES, PRIMARIES, RANGES, TRANSFERS, Colour, written_colour
 from ivvae_cli.errors import InputError, IvvaeWarning
 from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.version import __version__
@@ -69,6 +70,12 @@ class LatentHeader:
     seed: int | None = None
     tiling: dict = field(default_factory=dict)
     audio_codec: str | None = None
+    # The source's colour description as it declared it (absent: undeclared), and its bits per channel.
+    colour_matrix: str | None = None
+    colour_primaries: str | None = None
+    colour_transfer: str | None = None
+    colour_range: str | None = None
+    bit_depth: int | None = None
     clip: dict | None = None  # a dataset clip: its source, span, geometry and the job's options
     tool_version: str = __version__
     format: str = FORMAT_NAME
@@ -83,6 +90,10 @@ class LatentHeader:
     def padded_size(self) -> VideoSize:
         """The size the model ran at."""
         return VideoSize(self.padded_frames, self.padded_height, self.padded_width)
+
+    @property
+    def colour(self) -> Colour:
+        return Colour(self.colour_matrix, self.colour_primaries, self.colour_transfer, self.colour_range)
 
     def to_metadata(self) -> dict[str, str]:
         """Strings as they are, other values as JSON; None is left out."""
@@ -162,12 +173,17 @@ def _nonzero(value: float) -> None:
         raise ValueError("zero")
 
 
-def _one_of(*allowed: str) -> Callable[[str], None]:
-    def check(value: str) -> None:
+def _one_of(*allowed: object) -> Callable[[object], None]:
+    def check(value: object) -> None:
         if value not in allowed:
-            raise ValueError(f"not one of {', '.join(allowed)}")
+            raise ValueError(f"not one of {', '.join(map(str, allowed))}")
 
     return check
+
+
+def _bits(value: int) -> None:
+    if not 8 <= value <= 16:
+        raise ValueError("not a bit depth from 8 to 16")
 
 
 def _model_name(value: str) -> None:
@@ -218,6 +234,11 @@ FIELD_RULES: dict[str, Callable[[Any], None]] = {
     "dtype": _one_of("float32", "bfloat16", "float16"),
     "posterior": _one_of("mean", "sample", "both"),
     "seed": _not_negative,
+    "colour_matrix": _one_of(*MATRICES.values()),
+    "colour_primaries": _one_of(*PRIMARIES.values()),
+    "colour_transfer": _one_of(*TRANSFERS.values()),
+    "colour_range": _one_of(*RANGES.values()),
+    "bit_depth": _bits,
 }
 LATENT_DTYPES = ("F32", "BF16", "F16")  # safetensors' names of the dtypes a latent may have
 
@@ -459,7 +480,8 @@ def looks_like_latent_file(path: Path) -> bool:
 
 
 def describe_latent_file(path: Path) -> dict:
-    """What ``ivvae info`` shows of a latent file: its header, shape and sizes; of a damaged one,
+    """What ``ivvae info`` shows of a latent file: its header, shape and sizes, and the colour
+    ``decode`` writes (YUV; lossless RGB outputs are tagged ``gbr``, full range); of a damaged one,
     what could be read, and its problems (``problems`` is empty when ``decode`` would take it)."""
     report = inspect_latent_file(path)
     file_bytes = path.stat().st_size
@@ -480,6 +502,7 @@ def describe_latent_file(path: Path) -> dict:
         "elements_ratio": round(raw_bytes / math.prod(data.latent.shape), 2),
         "audio_bytes": audio_bytes,
         "audio_problem": report.audio_problem,
+        "decode_colour": asdict(written_colour(h.colour, h.source_height, rgb=False)),
         "problems": [],
     }
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ivvae_cli.colour import Colour
 from ivvae_cli.errors import InputError
 from ivvae_cli.model import TEMPORAL_STRIDE
 
@@ -219,12 +220,14 @@ ERROR_GAIN = 8  # the comparison video's error map: |source - reconstruction| ti
 
 
 class ComparisonWriter:
-    """A video of source | reconstruction | amplified error, side by side."""
+    """A video of source | reconstruction | amplified error, side by side, converted and tagged as
+    the source's ``colour`` says (``output_format``)."""
 
-    def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction):
-        from ivvae_cli.video import VideoWriter
+    def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction, colour: Colour):
+        from ivvae_cli.video import VideoWriter, output_format
 
-        self.writer = VideoWriter(path, width=3 * width, height=height, frame_rate=frame_rate, time_base=time_base)
+        fmt = output_format(path, 3 * width, height, colour=colour)
+        self.writer = VideoWriter(path, fmt, frame_rate=frame_rate, time_base=time_base)
 
     def write(self, source: np.ndarray, reconstruction: np.ndarray, pts: list[int]) -> None:
         recon = np.rint(np.clip(reconstruction, 0, 1) * 255) / 255
@@ -258,7 +261,7 @@ def compare_videos(
     counts = {"a": 0, "b": 0}
     first_pts = None
     side = (
-        ComparisonWriter(comparison, info_a.width, info_a.height, info_a.frame_rate, info_a.time_base)
+        ComparisonWriter(comparison, info_a.width, info_a.height, info_a.frame_rate, info_a.time_base, info_a.colour)
         if comparison
         else nullcontext()
     )

@@ -19,12 +19,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ivvae_cli.colour import Colour
 from ivvae_cli.errors import DeviceError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
 from ivvae_cli.metrics import ComparisonWriter, Metrics, sizes
 from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.stream import StreamDecoder, StreamEncoder, Tiling, plan_tiling
-from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames, resized, unit_float
+from ivvae_cli.video import (
+    OutputFormat,
+    VideoInfo,
+    VideoWriter,
+    output_format,
+    probe,
+    read_audio,
+    read_frames,
+    resized,
+    unit_float,
+)
 from ivvae_cli.weights import LoadedModel
 
 Progress = Callable[[int], None]
@@ -106,6 +117,16 @@ class WriteOptions:
     codec: str | None = None
     quality: int = 18
     lossless: bool = False
+    bit_depth: int | None = None  # None: 10 for deep sources where the codec holds it, else 8
+    chroma: str = "auto"  # auto, 420 or 444
+
+    def format(self, path: Path, width: int, height: int, colour: Colour, source_depth: int) -> OutputFormat:
+        """How a ``width`` x ``height`` video from a source with ``colour`` and ``source_depth`` bits
+        will be written to ``path``."""
+        return output_format(
+            path, width, height, codec=self.codec, lossless=self.lossless, colour=colour, source_depth=source_depth,
+            bit_depth=self.bit_depth, chroma=self.chroma,
+        )  # fmt: skip
 
 
 def _frame_limit(info: VideoInfo, options: EncodeOptions) -> int | None:
@@ -198,6 +219,11 @@ class _Source:
             posterior="sample" if self.options.sample else "mean",
             seed=self.seed if self.options.sample else None,
             tiling=self.tiling.describe(padded.latent()),
+            colour_matrix=self.info.colour.matrix,
+            colour_primaries=self.info.colour.primaries,
+            colour_transfer=self.info.colour.transfer,
+            colour_range=self.info.colour.range,
+            bit_depth=self.info.bit_depth,
         )
 
     def relative_pts(self) -> np.ndarray:
@@ -212,8 +238,10 @@ class _Source:
 
     def writer(self, path: Path, options: WriteOptions, audio: bytes | None) -> VideoWriter:
         """A writer at the reader's rate: call it once the first frames are read, which settle it."""
-        return _writer(
-            path, self.info.width, self.info.height, self.reader.frame_rate, self.info.time_base, options, audio
+        info = self.info
+        fmt = options.format(path, info.width, info.height, info.colour, info.bit_depth)
+        return VideoWriter(
+            path, fmt, frame_rate=self.reader.frame_rate, time_base=info.time_base, quality=options.quality, audio=audio
         )
 
 
@@ -248,26 +276,9 @@ def check_model_matches(data: LatentFile, loaded: LoadedModel, name: str) -> Non
         )
 
 
-def _writer(
-    path: Path,
-    width: int,
-    height: int,
-    frame_rate: Fraction,
-    time_base: Fraction,
-    options: WriteOptions,
-    audio: bytes | None,
-) -> VideoWriter:
-    return VideoWriter(
-        path,
-        width=width,
-        height=height,
-        frame_rate=frame_rate,
-        time_base=time_base,
-        codec=options.codec,
-        quality=options.quality,
-        lossless=options.lossless,
-        audio=audio,
-    )
+def decode_format(header: LatentHeader, path: Path, options: WriteOptions) -> OutputFormat:
+    """How ``decode`` writes the latent with ``header`` to ``path``."""
+    return options.format(path, header.source_width, header.source_height, header.colour, header.bit_depth or 8)
 
 
 def _decoded(stream: StreamDecoder, latent: torch.Tensor):
@@ -292,9 +303,12 @@ def decode_latent(
     tiling = memory.tiling(loaded, h.padded_height, h.padded_width, "decode")
     size = (h.source_frames, h.source_height, h.source_width)
     stream = StreamDecoder(loaded.model, size=size, groups_per_step=memory.groups_per_step, tiling=tiling)
+    fmt = decode_format(h, output, options)
     rate, time_base = Fraction(h.frame_rate), Fraction(h.time_base)
     done = 0
-    with _writer(output, h.source_width, h.source_height, rate, time_base, options, data.audio) as writer:
+    with VideoWriter(
+        output, fmt, frame_rate=rate, time_base=time_base, quality=options.quality, audio=data.audio
+    ) as writer:
         for frames in _decoded(stream, data.latent):
             writer.write(frames, data.frame_pts[done : done + len(frames)].tolist())
             done += len(frames)
@@ -347,7 +361,7 @@ def reconstruct_video(
     info = src.info
     side = None
     if comparison:
-        side = ComparisonWriter(comparison, info.width, info.height, src.reader.frame_rate, info.time_base)
+        side = ComparisonWriter(comparison, info.width, info.height, src.reader.frame_rate, info.time_base, info.colour)
     done = 0
     with writer or nullcontext(), side or nullcontext():
         for frames, latent in itertools.chain([first], chunks):

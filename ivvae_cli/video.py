@@ -1,9 +1,15 @@
 """Video I/O through PyAV: streaming frame reads and writes, audio carried as-is.
 
 Policies (documented in README.md):
-- Frames are converted to RGB by libavfilter, exactly as the ffmpeg command converts them: with
-  the matrix and range the stream declares (BT.601 when it declares none), 16 bits per channel
-  when the source has more than 8.
+- Frames are converted to RGB by libavfilter, as the ffmpeg command converts them: with the
+  matrix and range the stream declares; an untagged YUV stream with the matrix players assume for
+  its size (BT.709 from 720 lines, else BT.601; ``ivvae_cli.colour``), where ffmpeg alone would
+  take BT.601 at any size. 16 bits per channel when the source has more than 8.
+- Written videos are tagged with matrix, primaries, transfer and range, and converted from RGB with
+  that matrix and range: those players assume for the output's size (so that players ignoring
+  tags agree), primaries and transfer as the source declared them (``written_colour``).
+- Sizes with an odd side are written 4:4:4 unless 4:2:0 is asked for, which repeats the last
+  column or row and says so in the file's comment.
 - Rotation metadata is applied: frames come out upright, as players show them.
 - Alpha is dropped: the model codes colour only.
 - Variable frame rate is kept: every decoded frame is used once and keeps its timestamp; outputs
@@ -21,13 +27,14 @@ import itertools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 
+from ivvae_cli.colour import MATRICES, SCALE_MATRICES, UNSPECIFIED, UNTAGGED, Colour, number_of, written_colour
 from ivvae_cli.errors import InputError, IvvaeWarning, OutputError
 from ivvae_cli.latent_file import MAX_TICKS, TICKS_PER_FRAME, writer_ticks
 
@@ -50,6 +57,8 @@ class VideoInfo:
     bit_depth: int
     rotation: int
     audio: list[str] = field(default_factory=list)
+    colour: Colour = UNTAGGED  # as declared
+    comment: str | None = None  # the container's; says so when ivvae padded an odd size
 
 
 @contextmanager
@@ -122,6 +131,8 @@ def probe(path: str | Path) -> VideoInfo:
             bit_depth=depth,
             rotation=rotation,
             audio=[_codec_name(a) for a in container.streams.audio],
+            colour=Colour.declared_by(ctx),
+            comment=container.metadata.get("comment"),
         )
 
 
@@ -134,6 +145,8 @@ def describe_video(path: Path) -> dict:
         "codec": v.codec,
         "pixel_format": v.pixel_format,
         "bit_depth": v.bit_depth,
+        "colour": asdict(v.colour),
+        "colour_read_as": asdict(v.colour.assumed(v.height if v.rotation % 180 == 0 else v.width)),
         "size": [v.width, v.height],
         "frames": v.frames,
         "frame_rate": str(v.frame_rate),
@@ -141,7 +154,7 @@ def describe_video(path: Path) -> dict:
         "rotation": v.rotation,
         "audio": v.audio,
         "file_bytes": path.stat().st_size,
-    }
+    } | ({"comment": v.comment} if v.comment else {})
 
 
 def _codec_name(stream: av.stream.Stream) -> str:
@@ -160,24 +173,35 @@ def _stream_rotation(container: av.container.InputContainer, stream: av.video.st
 
 class _RGBConverter:
     """Frames to upright RGB (uint8, or uint16 for deep sources) through libavfilter's format
-    conversion, the one the ffmpeg command uses, so declared matrix and range are honoured alike."""
+    conversion, the one the ffmpeg command uses, so declared matrix and range are honoured alike;
+    untagged YUV frames are first tagged with the matrix players assume for the stream's height."""
 
     def __init__(self, stream: av.video.stream.VideoStream, deep: bool, size: tuple[int, int] | None = None):
         self.deep = deep
+        ctx = stream.codec_context
+        yuv = ctx.pix_fmt is not None and not av.VideoFormat(ctx.pix_fmt).is_rgb
+        self.assumed_matrix = number_of(MATRICES, UNTAGGED.assumed(ctx.height).matrix) if yuv else None
         self.graph = av.filter.Graph()
         chain = [self.graph.add_buffer(template=stream)]
         if size is not None:  # (width, height) before rotation
             chain.append(self.graph.add("scale", f"w={size[0]}:h={size[1]}:flags=bicubic+accurate_rnd+full_chroma_int"))
         chain += [self.graph.add("format", "rgb48le" if deep else "rgb24"), self.graph.add("buffersink")]
-        for a, b in itertools.pairwise(chain):
-            a.link_to(b)
-        self.graph.configure()
+        _connect(self.graph, chain)
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.assumed_matrix is not None and frame.colorspace == UNSPECIFIED:
+            frame.colorspace = self.assumed_matrix
         self.graph.push(frame)
         rgb = self.graph.pull().to_ndarray()
         turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
         return np.rot90(rgb, k=turns) if turns else rgb
+
+
+def _connect(graph: av.filter.Graph, chain: list[av.filter.context.FilterContext]) -> None:
+    """Link the filters of ``graph`` one after another and configure it."""
+    for a, b in itertools.pairwise(chain):
+        a.link_to(b)
+    graph.configure()
 
 
 def unit_float(frames: np.ndarray) -> np.ndarray:
@@ -186,11 +210,15 @@ def unit_float(frames: np.ndarray) -> np.ndarray:
 
 
 def resized(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """``(width, height)`` scaled so the short side is ``short_side`` (aspect kept, long side rounded)."""
-    if not short_side or min(width, height) == short_side:
+    """``(width, height)`` scaled so the short side is ``short_side`` and the long side is the even
+    number nearest the aspect (as ffmpeg's ``scale=-2``), so that 4:2:0 video holds the result."""
+    if not short_side:
         return width, height
-    scale = short_side / min(width, height)
-    return (short_side, round(height * scale)) if width <= height else (round(width * scale), short_side)
+    if short_side % 2:
+        raise InputError(f"short side {short_side} is odd; use an even one (4:2:0 video needs even sides)")
+    short, long = min(width, height), max(width, height)
+    long_side = max(2, 2 * ((long * short_side + short) // (2 * short)))  # rounded half up, as ffmpeg does
+    return (short_side, long_side) if width <= height else (long_side, short_side)
 
 
 def read_frames(
@@ -430,76 +458,187 @@ MAX_GAP = 2**31  # the most between two frames, in the container's time base (MP
 LOSSLESS = {".mkv": "ffv1", ".avi": "ffv1", ".mp4": "libx264rgb", ".mov": "libx264rgb"}
 DEFAULT_CODEC = {".webm": "libvpx-vp9"}  # everything else: H.264
 CODEC_NAMES = {"h264": "libx264", "h265": "libx265", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
+RGB_CODECS = {"ffv1": {8: "bgr0", 10: "gbrp10le"}, "libx264rgb": {8: "rgb24"}}  # RGB unless --chroma says
+DEEP_CODECS = {"libx265", "libvpx-vp9", "libsvtav1", "libaom-av1", "ffv1"}  # 10 bits for deep sources
+CHROMA = ("auto", "420", "444")
+QUIET_OPTIONS = {"libvpx-vp9": {"b": "0"}, "libx265": {"x265-params": "log-level=error"}}  # constant quality, no log
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How a video will be written; decided before any frame, so a command can say so first."""
+
+    codec: str
+    pix_fmt: str
+    bit_depth: int
+    colour: Colour  # converted with and tagged as; matrix "gbr" for RGB
+    width: int  # the picture
+    height: int
+    coded_width: int  # the picture padded to even sides for 4:2:0, else the same
+    coded_height: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def comment(self) -> str | None:
+        """What the file's comment says of padding, if any."""
+        if (self.coded_width, self.coded_height) == (self.width, self.height):
+            return None
+        return (
+            f"ivvae: the picture is {self.width}x{self.height}; its last column/row is repeated to "
+            f"{self.coded_width}x{self.coded_height} for 4:2:0"
+        )
+
+
+def output_format(
+    path: Path,
+    width: int,
+    height: int,
+    *,
+    codec: str | None = None,
+    lossless: bool = False,
+    colour: Colour = UNTAGGED,
+    source_depth: int = 8,
+    bit_depth: int | None = None,
+    chroma: str = "auto",
+) -> OutputFormat:
+    """The codec, pixel format, bit depth, colour and size of a ``width`` x ``height`` video to
+    write to ``path`` from a source with ``colour`` and ``source_depth`` bits (the policies in the
+    module docstring). H.264 (or VP9 for .webm) by default; ``lossless`` picks FFV1 RGB (.mkv, .avi)
+    or H.264 RGB at CRF 0 (.mp4, .mov). ``bit_depth`` None: 10 for deep sources where the codec
+    holds it (H.265, VP9, AV1, FFV1), else 8. ``chroma`` auto: 4:2:0, or 4:4:4 for an odd side."""
+    suffix = path.suffix.lower()
+    if lossless:
+        if suffix not in LOSSLESS:
+            raise OutputError(f"no lossless codec for {suffix or 'files without extension'}; use .mkv or .mp4")
+        codec = LOSSLESS[suffix]
+    codec = CODEC_NAMES.get(codec or "", codec) or DEFAULT_CODEC.get(suffix, "libx264")
+    if bit_depth not in (None, 8, 10):
+        raise OutputError(f"bit depth {bit_depth}: use 8 or 10")
+    if chroma not in CHROMA:
+        raise OutputError(f"chroma '{chroma}': use {', '.join(CHROMA)}")
+    try:
+        takes = {f.name for f in av.codec.Codec(codec, "w").video_formats or ()}
+    except ValueError:
+        raise OutputError(f"no video encoder '{codec}' in this ffmpeg") from None
+    deep = source_depth > 8 and codec in DEEP_CODECS
+    depths = [bit_depth] if bit_depth else [10, 8] if deep else [8]
+    odd = bool(width % 2 or height % 2)
+    layouts = [chroma]
+    if chroma == "auto":
+        layouts = ["rgb"] if codec in RGB_CODECS else ["444", "420"] if odd else ["420"]
+    choices = [(d, c, _pix_fmt(codec, d, c)) for d in depths for c in layouts]
+    depth, layout, pix_fmt = next(((d, c, p) for d, c, p in choices if p in takes), (None, None, None))
+    if pix_fmt is None:
+        what = f"{depths[0]}-bit " + ("RGB" if layouts[0] == "rgb" else f"4:{layouts[0][1]}:{layouts[0][2]}")
+        raise OutputError(f"{codec} cannot write {what} video; choose another --codec (ffv1 and h265 take all)")
+    padded = layout == "420" and odd
+    coded = (width + width % 2, height + height % 2) if padded else (width, height)
+    notes = []
+    if source_depth > 8 and depth == 8 and bit_depth is None:
+        high10 = " (so does --bit-depth 10: H.264 High 10, which few browsers play)" if codec == "libx264" else ""
+        notes.append(
+            f"the source has {source_depth} bits per channel, this {codec} output 8; --codec h265, av1 or ffv1 "
+            f"keeps 10{high10}"
+        )
+    if odd and chroma == "auto" and layout == "444":
+        notes.append(
+            f"{width}x{height} has an odd side, so the output is 4:4:4, which few browsers play; --chroma 420 "
+            f"writes 4:2:0 at {width + width % 2}x{height + height % 2}, the last column/row repeated"
+        )
+    if padded:
+        notes.append(
+            f"4:2:0 needs even sides: written at {coded[0]}x{coded[1]}, the last column/row of the {width}x{height} "
+            "picture repeated (the file's comment says so)"
+        )
+    return OutputFormat(
+        codec, pix_fmt, depth, written_colour(colour, height, rgb=layout == "rgb"), width, height, *coded, tuple(notes)
+    )
+
+
+def _pix_fmt(codec: str, depth: int, layout: str) -> str | None:
+    if layout == "rgb":
+        return RGB_CODECS[codec].get(depth)
+    return f"yuv{layout}p" + ("10le" if depth == 10 else "")
 
 
 class VideoWriter:
-    """Write float RGB frames in [0, 1] to a video file, with timestamps and optional audio.
-
-    H.264 (CRF ``quality``) by default, VP9 for .webm; ``lossless`` picks FFV1 (.mkv, .avi) or
-    H.264 RGB at CRF 0 (.mp4, .mov). Odd frame sizes use 4:4:4 chroma, since 4:2:0 cannot hold them.
-    """
+    """Write float RGB frames in [0, 1] to a video file as ``fmt`` says (``output_format``), with
+    timestamps and optional audio; lossy codecs at CRF ``quality``."""
 
     def __init__(
         self,
         path: Path,
+        fmt: OutputFormat,
         *,
-        width: int,
-        height: int,
         frame_rate: Fraction,
         time_base: Fraction,
-        codec: str | None = None,
         quality: int = 18,
-        lossless: bool = False,
         audio: bytes | None = None,
     ):
+        self.fmt = fmt
         self.source_time_base = time_base
-        suffix = path.suffix.lower()
-        if lossless:
-            if suffix not in LOSSLESS:
-                raise OutputError(f"no lossless codec for {suffix or 'files without extension'}; use .mkv or .mp4")
-            codec = LOSSLESS[suffix]
-        codec = CODEC_NAMES.get(codec or "", codec) or DEFAULT_CODEC.get(suffix, "libx264")
         try:
-            self.container = av.open(str(path), "w", format=_format_for(suffix))
+            self.container = av.open(str(path), "w", format=_format_for(path.suffix.lower()))
         except (av.FFmpegError, ValueError) as e:
             raise OutputError(f"cannot write {path}: {e}") from None
         try:
-            self.stream = self.container.add_stream(codec, rate=frame_rate)
+            self.stream = self.container.add_stream(fmt.codec, rate=frame_rate)
         except (av.FFmpegError, ValueError) as e:
             self.container.close()
-            raise OutputError(f"cannot encode {codec} into {path.name}: {e}") from None
-        self.stream.width, self.stream.height = width, height
+            raise OutputError(f"cannot encode {fmt.codec} into {path.name}: {e}") from None
+        self.stream.width, self.stream.height = fmt.coded_width, fmt.coded_height
+        self.stream.pix_fmt = fmt.pix_fmt
+        fmt.colour.tag(self.stream.codec_context)
         # Timestamps go on a grid of 1/8 frame: a constant rate comes back exactly, variable
         # timing to within 1/16 of a frame.
         self.time_base = 1 / (frame_rate * TICKS_PER_FRAME)
         self.stream.time_base = self.stream.codec_context.time_base = self.time_base
         self.last_pts = -1
-        odd = width % 2 or height % 2
-        if codec == "ffv1":
-            self.stream.pix_fmt = "bgr0"
-        elif codec == "libx264rgb":
-            self.stream.pix_fmt, self.stream.options = "rgb24", {"crf": "0"}
-        else:
-            self.stream.pix_fmt = "yuv444p" if odd else "yuv420p"
-            self.stream.options = {"crf": str(quality)}
-            if codec == "libvpx-vp9":
-                self.stream.options |= {"b": "0"}
+        if fmt.codec == "libx264rgb":
+            self.stream.options = {"crf": "0"}
+        elif fmt.codec != "ffv1":
+            self.stream.options = {"crf": str(quality)} | QUIET_OPTIONS.get(fmt.codec, {})
+        if fmt.comment:
+            self.container.metadata["comment"] = fmt.comment
+        self.to_output = self._converter()
         self.audio = _AudioCopy(self.container, audio) if audio else None
         try:
             self.container.start_encoding()  # the container's own time base is known from here on
         except DECODE_ERRORS as e:
             self.container.close()
             raise OutputError(
-                f"cannot encode {codec} at {float(frame_rate):.6g} fps into {path.name}: {_reason(e)}"
+                f"cannot encode {fmt.codec} at {float(frame_rate):.6g} fps into {path.name}: {_reason(e)}"
             ) from None
+
+    def _converter(self) -> av.filter.Graph:
+        """RGB -> the output's pixel format with its matrix and range, by libavfilter's ``scale``."""
+        fmt, graph = self.fmt, av.filter.Graph()
+        args = "flags=accurate_rnd+full_chroma_int"
+        if fmt.colour.matrix != "gbr":
+            args += f":out_color_matrix={SCALE_MATRICES[fmt.colour.matrix]}:out_range={fmt.colour.range}"
+        source = "rgb48le" if fmt.bit_depth > 8 else "rgb24"
+        size = {"width": fmt.coded_width, "height": fmt.coded_height}
+        chain = [graph.add_buffer(**size, format=source, time_base=self.time_base), graph.add("scale", args)]
+        chain += [graph.add("format", fmt.pix_fmt), graph.add("buffersink")]
+        _connect(graph, chain)
+        return graph
 
     def write(self, frames: np.ndarray, pts: list[int]) -> None:
         """Frames ``(t, H, W, 3)`` float in [0, 1] with their source timestamps."""
+        fmt = self.fmt
+        deep = fmt.bit_depth > 8
+        peak = 65535 if deep else 255
+        pad = ((0, fmt.coded_height - fmt.height), (0, fmt.coded_width - fmt.width), (0, 0))
         for image, stamp in zip(frames, pts, strict=True):
-            rgb = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            rgb = np.clip(np.rint(image * np.float32(peak)), 0, peak).astype(np.uint16 if deep else np.uint8)
+            if any(after for _, after in pad):
+                rgb = np.pad(rgb, pad, mode="edge")
             previous = self.last_pts
             self.last_pts = max(self.last_pts + 1, round(stamp * self.source_time_base / self.time_base))
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if deep else "rgb24")
+            frame.pts, frame.time_base = self.last_pts, self.time_base
+            self.to_output.push(frame)
+            frame = self.to_output.pull()
             frame.pts, frame.time_base, frame.duration = self.last_pts, self.time_base, TICKS_PER_FRAME
             seconds = float(stamp * self.source_time_base)
             if previous >= 0 and (self.last_pts - previous) * self.time_base >= MAX_GAP * self.stream.time_base:

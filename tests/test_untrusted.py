@@ -123,6 +123,9 @@ def assert_allowed(code: int, err: str, output: Path | None) -> None:
         ("tiling", "[" * 100000, "header field 'tiling'"),
         ("dtype", "float64", "not one of float32, bfloat16, float16"),
         ("posterior", "median", "not one of mean, sample, both"),
+        ("colour_matrix", "rainbow", "header field 'colour_matrix' is \"rainbow\": not one of gbr, bt709"),
+        ("colour_range", "full", "not one of tv, pc"),
+        ("bit_depth", "99", "not a bit depth from 8 to 16"),
         ("posterior", "both", "posterior 'both' with no tensor 'logvar'"),
         ("model", "../../etc/passwd", "not a model name"),
         ("weights_fingerprint", "[/]", "not 16 hexadecimal digits"),
@@ -312,6 +315,20 @@ def test_broken_timestamps_fall_back_to_the_declared_rate(tmp_path, checkpoint, 
         facts = stream_facts(tmp_path / out)
         assert facts["frames"] == 9 and facts["rate"] == 25
         assert [p * facts["time_base"] for p in facts["pts"]] == [Fraction(i, 25) for i in range(9)]
+
+
+@pytest.mark.e2e
+def test_a_dataset_keeps_each_sources_warnings_in_its_record(tmp_path, checkpoint):
+    make_clip(tmp_path / "in.mkv", 9, 16, 16, codec="ffv1", pix_fmt="yuv444p")
+    (tmp_path / "videos").mkdir()
+    all_at_zero(tmp_path / "in.mkv", tmp_path / "videos" / "same.mkv")
+    out = tmp_path / "out"
+    code, _, err = ivvae("dataset", "encode", tmp_path / "videos", out, "-w", checkpoint, "--frames", "5")
+    assert code == 0 and "warning" not in err.lower().replace("1 with warnings", ""), err
+    assert "1 with warnings (records/)" in err
+    record = json.loads((out / "records" / "same.mkv.json").read_text())
+    assert len(record["warnings"]) == 1 and "declared rate, 25 fps" in record["warnings"][0]
+    assert len(record["rows"]) == 1
 
 
 @pytest.mark.e2e
