@@ -99,7 +99,9 @@ class GroupCausalConv3d(nn.Conv3d):
         t, group = current.shape[1], self.frames_per_group
         first = previous[:, :1] if cache is None or self not in cache.last_frames else cache.last_frames[self]
         if cache is not None:
-            cache.last_frames[self] = previous[:, -1:].clone()
+            # A dense channels-last copy, strided the same at every step (torch.compile guards on strides).
+            frame = previous[:, -1]
+            cache.last_frames[self] = torch.empty_like(frame, memory_format=torch.channels_last).copy_(frame)[:, None]
         if records_grad(current, previous, following):
             in_group = torch.tensor([(i + 1) % group != 0 and i + 1 < t for i in range(t)], device=current.device)
             ahead = F.pad(following[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1)) * in_group.view(1, t, 1, 1, 1)
