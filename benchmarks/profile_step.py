@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ivvae_cli.model import IVVAE
+from ivvae_cli import IVVAE, decode, encode
 
 SCALE, SHIFT = 0.9697, -0.1553  # the published z16_dim64 factors
 
@@ -39,7 +39,7 @@ KIND_OF = {op: kind for kind, ops in KINDS.items() for op in ops}
 
 def profile_direction(model: IVVAE, direction: str, x: torch.Tensor, top: int) -> dict:
     """Run one direction under the profiler; seconds per kind and the costliest ops."""
-    run = model.encode if direction == "encode" else model.decode
+    run = (lambda v: encode(model, v)) if direction == "encode" else (lambda z: decode(model, z))
     with torch.inference_mode():
         run(x[:, :, :1])  # warm-up: kernels and their plans
         start = time.perf_counter()

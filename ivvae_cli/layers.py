@@ -78,8 +78,8 @@ class GroupCausalConv3d(nn.Conv3d):
     behind with zeros. Frames of a group therefore see each other symmetrically, and a stream needs
     only one cached frame per layer. Spatial padding is zero, as in the reference.
 
-    By linearity the kernel runs as a 2D convolution of every frame with each time tap
-    (``tap_weights``), and ``add_neighbours`` sums each frame's taps from the frames around it: no
+    By linearity the kernel runs as 2D convolutions of the frames with each time tap (see
+    ``KTCConv3d``), and ``add_neighbours`` sums each frame's taps from the frames around it: no
     stacked copies of the input, and the cache holds the last frame's projection onto the
     previous-frame tap, which is all the next step needs of it.
     """
@@ -91,26 +91,30 @@ class GroupCausalConv3d(nn.Conv3d):
         self.frames_per_group = frames_per_group
 
     def add_neighbours(
-        self, current: Tensor, previous: Tensor, following: Tensor, cache: CausalCache | None = None
+        self, current: Tensor, previous: Tensor, following: Tensor | None, cache: CausalCache | None = None
     ) -> Tensor:
         """``current`` (the current-frame tap's output) plus the previous frame's ``previous`` tap
-        output and, inside a group, the next frame's ``following`` tap output. All ``(B, T, O, H, W)``
-        for a chunk that starts at a group boundary. Sums into ``current`` unless autograd records."""
+        output and, inside a group, the next frame's ``following`` tap output. ``current`` and
+        ``previous`` are ``(B, T, O, H, W)`` for a chunk that starts at a group boundary;
+        ``following`` covers its frames 1 to T-1 (None when T = 1: no frame has a next one).
+        Sums into ``current`` unless autograd records."""
         t, group = current.shape[1], self.frames_per_group
         first = previous[:, :1] if cache is None or self not in cache.last_frames else cache.last_frames[self]
         if cache is not None:
             # A dense channels-last copy, strided the same at every step (torch.compile guards on strides).
             frame = previous[:, -1]
             cache.last_frames[self] = torch.empty_like(frame, memory_format=torch.channels_last).copy_(frame)[:, None]
-        if records_grad(current, previous, following):
-            in_group = torch.tensor([(i + 1) % group != 0 and i + 1 < t for i in range(t)], device=current.device)
-            ahead = F.pad(following[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1)) * in_group.view(1, t, 1, 1, 1)
-            return current + torch.cat([first, previous[:, :-1]], dim=1) + ahead
+        if records_grad(current, previous):  # following comes from the same weights and input as previous
+            y = current + torch.cat([first, previous[:, :-1]], dim=1)
+            if following is None:
+                return y
+            in_group = torch.tensor([i % group != 0 for i in range(1, t)], device=current.device)
+            return y + F.pad(following * in_group.view(1, t - 1, 1, 1, 1), (0, 0, 0, 0, 0, 0, 0, 1))
         current[:, :1] += first
         current[:, 1:] += previous[:, :-1]
-        for start in range(0, t, group):
+        for start in range(0, t if following is not None else 0, group):
             end = min(start + group, t)
-            current[:, start : end - 1] += following[:, start + 1 : end]
+            current[:, start : end - 1] += following[:, start : end - 1]  # frames start+1 .. end-1
         return current
 
 
@@ -119,8 +123,10 @@ class KTCConv3d(nn.Module):
 
     Both read every input channel; their outputs are concatenated, 2D half first. The 2D half and
     the 3D half's current-frame tap run as one 2D convolution, whose output is the layer's; the
-    previous- and next-frame taps run as a second one (two convolutions run as fast as one twice as
-    wide, and the output needs no copy out of a wider one) and are summed in from the frames around.
+    previous-frame tap runs on every frame and the next-frame tap on all but the first (no frame
+    before it takes it), as two more, and they are summed in from the frames around. Narrower
+    convolutions run as fast per output channel on CPU, and the output needs no copy out of a
+    wider one.
     """
 
     def __init__(self, in_channels: int, out_2d: int, out_3d: int, kernel_size: int, frames_per_group: int):
@@ -137,9 +143,13 @@ class KTCConv3d(nn.Module):
         y = F.conv2d(frames, weight, bias, padding=padding).unflatten(0, (b, t))
         if len(taps) == 1:
             return y
-        around = F.conv2d(frames, torch.cat([taps[0], taps[2]]), None, padding=padding).unflatten(0, (b, t))
+        previous = F.conv2d(frames, taps[0], None, padding=padding).unflatten(0, (b, t))
+        following = None
+        if t > 1:
+            later = channels_last(x[:, 1:].flatten(0, 1))  # a view for one clip
+            following = F.conv2d(later, taps[2], None, padding=padding).unflatten(0, (b, t - 1))
         y_2d, y_3d = y.split(self.conv_2d.out_channels, dim=2)
-        y_3d = self.conv_3d.add_neighbours(y_3d, *around.chunk(2, dim=2), cache)
+        y_3d = self.conv_3d.add_neighbours(y_3d, previous, following, cache)
         return cat_channels([y_2d, y_3d]) if records_grad(y) else y  # else summed in place
 
 
