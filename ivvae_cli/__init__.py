@@ -1,19 +1,15 @@
 """ivvae: compress video into IV-VAE latents and back.
 
-The library's public names; ``ivvae_cli.cli`` is the command line built on them.
+The library's public names; ``ivvae_cli.cli`` is the command line built on them. The file-level
+jobs (``ivvae_cli.pipeline``, ``ivvae_cli.dataset``) are imported when first named: they need PyAV,
+and the model and training from a frame cache do not.
 """
 
-from ivvae_cli.dataset import ClipOptions, LatentDataset, encode_dataset, merge_index, read_sources
+from importlib import import_module
+from typing import Any
+
 from ivvae_cli.latent_file import LatentFile, LatentHeader, read_latent_file, write_latent_file
 from ivvae_cli.model import IVVAE, SPATIAL_STRIDE, TEMPORAL_STRIDE, Posterior, VideoSize
-from ivvae_cli.pipeline import (
-    EncodeOptions,
-    MemoryOptions,
-    WriteOptions,
-    decode_latent,
-    encode_video,
-    reconstruct_video,
-)
 from ivvae_cli.stream import StreamDecoder, StreamEncoder, Tiling, decode, decode_clip, encode, encode_clip
 from ivvae_cli.version import __version__
 from ivvae_cli.weights import LoadedModel, find_weights, load_model
@@ -51,3 +47,13 @@ __all__ = [
     "reconstruct_video",
     "write_latent_file",
 ]
+
+_LAZY = dict.fromkeys(
+    ("EncodeOptions", "MemoryOptions", "WriteOptions", "decode_latent", "encode_video", "reconstruct_video"), "pipeline"
+) | dict.fromkeys(("ClipOptions", "LatentDataset", "encode_dataset", "merge_index", "read_sources"), "dataset")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"ivvae_cli.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'ivvae_cli' has no attribute '{name}'")

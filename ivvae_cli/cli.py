@@ -8,8 +8,9 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,11 +18,12 @@ from typing import Annotated, Any
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from ivvae_cli.errors import InputError, IvvaeError, OutputError
+from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
 from ivvae_cli.latent_file import (
     describe_latent_file,
     find_latent_files,
@@ -30,13 +32,14 @@ from ivvae_cli.latent_file import (
     read_latent_header,
     write_latent_file,
 )
-from ivvae_cli.metrics import Metrics, compare_videos, plot_per_frame
+from ivvae_cli.metrics import ERROR_GAIN, Metrics, compare_videos, plot_per_frame
 from ivvae_cli.outputs import atomic_output, check_output
 from ivvae_cli.pipeline import (
     EncodeOptions,
     MemoryOptions,
     WriteOptions,
     check_model_matches,
+    decode_format,
     decode_latent,
     default_dtype,
     encode_video,
@@ -46,11 +49,12 @@ from ivvae_cli.pipeline import (
     select_device,
 )
 from ivvae_cli.version import __version__
-from ivvae_cli.video import describe_video, probe
+from ivvae_cli.video import OutputFormat, describe_video, probe, resized
 from ivvae_cli.weights import (
     BUNDLED,
     BUNDLED_NAME,
     PUBLISHED,
+    SAMPLE,
     CheckpointReport,
     LoadedModel,
     cache_folder,
@@ -105,7 +109,10 @@ StartOpt = Annotated[float, typer.Option(min=0, help="Start this many seconds in
 FramesOpt = Annotated[int | None, typer.Option("--frames", min=1, help="Encode at most this many frames.")]
 DurationOpt = Annotated[float | None, typer.Option(min=0, help="Encode at most this many seconds.")]
 ShortSideOpt = Annotated[
-    int | None, typer.Option("--short-side", min=8, help="Resize first so the short side is this many pixels.")
+    int | None,
+    typer.Option(
+        "--short-side", min=8, help="Resize first: short side this many pixels (even), long side to the nearest even."
+    ),
 ]
 SampleOpt = Annotated[bool, typer.Option("--sample/--mean", help="Sample the posterior instead of its mean.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for --sample.")]
@@ -119,25 +126,63 @@ ComparisonOpt = Annotated[
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Per-frame plot (PNG; needs matplotlib).")]
 LpipsOpt = Annotated[bool, typer.Option("--lpips", help="Also LPIPS, if its package and weights are installed.")]
 LosslessOpt = Annotated[bool, typer.Option(help="Lossless output: FFV1 (.mkv, .avi) or H.264 RGB (.mp4, .mov).")]
+SkipErrorsOpt = Annotated[
+    bool,
+    typer.Option("--skip-errors", help="Damaged video: leave out the frames that do not decode, instead of stopping."),
+]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Refuse a latent file whose audio cannot be read (default: leave it out).")
+]
+BitDepthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--bit-depth", help="8 or 10 bits per channel (default: 10 for deep sources where the codec holds it)."
+    ),
+]
+ChromaOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (4:2:0; 4:4:4 for an odd side, which few browsers play), 420 (last odd column/row repeated), 444."
+    ),
+]
+
+
+def _explain(fmt: OutputFormat, quiet: bool) -> None:
+    """Say once, before any work, what about the output a user should know (``output_format``)."""
+    if not quiet:
+        for note in fmt.notes:
+            stderr.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 
 def _fail(error: IvvaeError) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(error.exit_code)
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Turn expected failures into one line and an exit code."""
-    try:
-        yield
-    except IvvaeError as e:
-        raise _fail(e) from None
-    except KeyboardInterrupt:
-        stderr.print("[bold red]interrupted[/]")
-        raise typer.Exit(130) from None
-    except torch.cuda.OutOfMemoryError:
-        raise _fail(IvvaeError("out of GPU memory; try --groups-per-step 1 or --device cpu")) from None
+def _errors(quiet: bool = False) -> Iterator[None]:
+    """Turn expected failures into one line and an exit code, and the library's warnings
+    (``IvvaeWarning``) into one line each, none with --quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if quiet else "always", IvvaeWarning)
+        show = warnings.showwarning
+
+        def one_line(message, category, *args, **kwargs) -> None:
+            if not issubclass(category, IvvaeWarning):
+                show(message, category, *args, **kwargs)
+                return
+            stderr.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+        warnings.showwarning = one_line
+        try:
+            yield
+        except IvvaeError as e:
+            raise _fail(e) from None
+        except KeyboardInterrupt:
+            stderr.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except torch.cuda.OutOfMemoryError:
+            raise _fail(IvvaeError("out of GPU memory; try --groups-per-step 1 or --device cpu")) from None
 
 
 class _FramesPerSecond(ProgressColumn):
@@ -254,18 +299,19 @@ def encode(
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = None,
+    skip_errors: SkipErrorsOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Encode a video into a latent file."""
-    with _errors():
+    with _errors(quiet):
         info = probe(_input_file(input))
         check_output(output, force)
         loaded, memory = _model_and_memory(
             weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
         )
-        options = EncodeOptions(start, frames, duration, sample, seed, short_side)
+        options = EncodeOptions(start, frames, duration, sample, seed, short_side, skip_errors)
         with _progress("encode", expected_frames(info, options), quiet) as progress:
             data = encode_video(input, loaded, options, memory, progress)
         with atomic_output(output, force) as tmp:
@@ -305,11 +351,14 @@ def decode(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    bit_depth: BitDepthOpt = None,
+    chroma: ChromaOpt = "auto",
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = None,
     ext: Annotated[str, typer.Option(help="With a folder or glob: the container of the videos written.")] = "mp4",
+    strict: StrictOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
@@ -317,20 +366,22 @@ def decode(
     """Decode a latent file into a video with the source's frame count, size, timing and audio; or
     every latent file of a folder or glob (e.g. a diffusion model's output) into a folder of videos,
     with one model load."""
-    with _errors():
+    with _errors(quiet):
+        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
         if input.is_dir() or glob.has_magic(str(input)):
             options = (weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step)
-            _decode_many(str(input), output, ext, options, WriteOptions(codec, crf, lossless), force, quiet, json_path)
+            _decode_many(str(input), output, ext, options, write, force, quiet, json_path, strict)
             return
-        data = read_latent_file(input)
+        data = read_latent_file(input, strict=strict)
         check_output(output, force)
+        _explain(decode_format(data.header, output, write), quiet)
         loaded, memory = _model_and_memory(
             weights, model or data.header.model, device, dtype, quiet, max_memory, tile_size, tile_overlap,
             groups_per_step,
         )  # fmt: skip
         check_model_matches(data, loaded, str(input))
         with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
-            tiling = decode_latent(data, tmp, loaded, WriteOptions(codec, crf, lossless), memory, progress)
+            tiling = decode_latent(data, tmp, loaded, write, memory, progress)
         if not quiet:
             stderr.print(f"wrote {output}", highlight=False)
         _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
@@ -346,6 +397,7 @@ def _decode_many(
     force: bool,
     quiet: bool,
     json_path: Path | None,
+    strict: bool,
 ) -> None:
     """Every latent file of a folder or glob into ``folder``, mirroring their paths; a file that
     fails is reported and the rest go on."""
@@ -366,7 +418,7 @@ def _decode_many(
     with _progress(f"decode {len(files)} files", None, quiet) as progress:
         for path, target in targets:
             try:
-                data = read_latent_file(path)
+                data = read_latent_file(path, strict=strict)
                 check_model_matches(data, loaded, str(path))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_output(target, force) as tmp:
@@ -374,7 +426,7 @@ def _decode_many(
                 written.append(str(target))
             except IvvaeError as e:
                 failures.append({"input": str(path), "reason": str(e)})
-                stderr.print(f"[red]failed:[/] {e}", highlight=False, soft_wrap=True)
+                stderr.print(f"[red]failed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     if not quiet:
         stderr.print(f"wrote {len(written)} videos into {folder}", highlight=False)
     _report({"inputs": len(files), "written": written, "failed": failures}, json_path)
@@ -403,24 +455,31 @@ def reconstruct(
     codec: CodecOpt = None,
     crf: CrfOpt = 18,
     lossless: LosslessOpt = False,
+    bit_depth: BitDepthOpt = None,
+    chroma: ChromaOpt = "auto",
     max_memory: MemoryOpt = None,
     tile_size: TileOpt = None,
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = None,
+    skip_errors: SkipErrorsOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Encode and decode in one streaming pass; write the result and/or measure what was lost."""
-    with _errors():
+    with _errors(quiet):
         info = probe(_input_file(input))
         metrics = metrics or lpips or plot is not None or (output is None and compare_video is None)
         lpips_net = _prepare_outputs([output, compare_video, plot], force, lpips)
+        write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
+        if output is not None:
+            _explain(
+                write.format(output, *resized(info.width, info.height, short_side), info.colour, info.bit_depth), quiet
+            )
         loaded, memory = _model_and_memory(
             weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
         )
-        options = EncodeOptions(start, frames, duration, sample, seed, short_side)
-        write = WriteOptions(codec, crf, lossless)
+        options = EncodeOptions(start, frames, duration, sample, seed, short_side, skip_errors)
         with (
             _progress("reconstruct", expected_frames(info, options), quiet) as progress,
             _maybe_atomic(output, force) as tmp,
@@ -441,7 +500,7 @@ def reconstruct(
             "sizes": result.sizes,
         }
         if result.metrics is not None:
-            _metrics_report(result.metrics, report, plot, force, show=not quiet or json_path is None)
+            _metrics_report(result.metrics, report, plot, force, quiet, json_path)
         _report(report, json_path)
 
 
@@ -470,7 +529,7 @@ def compare(
         report: dict[str, Any] = {"reference": str(reference), "other": str(other), "frames": counts}
         if counts["a"] != counts["b"] and not quiet:
             stderr.print(f"note: {counts['a']} frames against {counts['b']}; compared the first {len(metrics.psnr)}")
-        _metrics_report(metrics, report, plot, force, show=not quiet or json_path is None)
+        _metrics_report(metrics, report, plot, force, quiet, json_path)
         _report(report, json_path)
 
 
@@ -500,7 +559,11 @@ def _lpips():
         raise IvvaeError(f"{e}; LPIPS not computed (ivvae never downloads networks)") from None
 
 
-def _metrics_report(metrics: Metrics, report: dict, plot: Path | None, force: bool, show: bool) -> None:
+def _metrics_report(
+    metrics: Metrics, report: dict, plot: Path | None, force: bool, quiet: bool, json_path: Path | None
+) -> None:
+    """Add the metrics to ``report``, plot them if asked, and print them: the tables unless the JSON
+    report is all that was asked for or takes stdout, the picture only when not --quiet."""
     summary = metrics.summary()
     report["metrics"] = summary
     report["per_frame"] = metrics.per_frame()
@@ -510,11 +573,40 @@ def _metrics_report(metrics: Metrics, report: dict, plot: Path | None, force: bo
                 plot_per_frame(metrics, tmp)
         except RuntimeError as e:
             raise IvvaeError(str(e)) from None
-    if show:
-        _print_metrics(summary, report.get("sizes"))
+    if str(json_path) != "-" and (not quiet or json_path is None):
+        _print_metrics(summary, report.get("sizes"), None if quiet else report["per_frame"])
 
 
-def _print_metrics(summary: dict, sizes: dict | None) -> None:
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def lowest_per_column(values: list[float], width: int) -> list[int]:
+    """The index of the frame each of at most ``width`` columns shows: every frame when they fit,
+    else the lowest of each run of ceil(n / width) frames, so that a dip is never averaged away."""
+    per = max(1, math.ceil(len(values) / max(1, width)))
+    return [min(range(i, min(i + per, len(values))), key=values.__getitem__) for i in range(0, len(values), per)]
+
+
+def sparkline(values: list[float]) -> str:
+    """One bar per value, from ▁ at the lowest to █ at the highest (eight equal steps)."""
+    lo, hi = min(values, default=0.0), max(values, default=0.0)
+    return "".join(SPARKS[min(7, int((v - lo) / (hi - lo) * 8)) if hi > lo else 3] for v in values)
+
+
+def _print_psnr_picture(console: Console, per_frame: list[dict]) -> None:
+    """Per-frame PSNR as a sparkline binned to the terminal, '^' under the keyframes' columns."""
+    values = [row["psnr_db"] for row in per_frame]
+    shown = lowest_per_column(values, console.width)
+    per = math.ceil(len(values) / len(shown))
+    lo, hi = min(values[i] for i in shown), max(values[i] for i in shown)
+    column = "" if per == 1 else f"; a column: the lowest of {per} frames"
+    console.print(f"PSNR per frame (▁ {lo:.2f} to █ {hi:.2f} dB{column}; ^ keyframe):", highlight=False, soft_wrap=True)
+    console.print(sparkline([values[i] for i in shown]), highlight=False)
+    console.print("".join("^" if per_frame[i]["position"] in ("first", "0") else " " for i in shown).rstrip())
+
+
+def _print_metrics(summary: dict, sizes: dict | None, per_frame: list[dict] | None = None) -> None:
+    """The tables; with ``per_frame``, the PSNR picture under them."""
     console = Console()
     table = Table(title="what was lost", show_header=True)
     for name in ("frames", "PSNR (dB)", "SSIM", "worst PSNR", "worst SSIM", "flicker (levels)"):
@@ -544,6 +636,52 @@ def _print_metrics(summary: dict, sizes: dict | None) -> None:
             + (f", the source file {sizes['source_to_latent']}x" if "source_to_latent" in sizes else ""),
             highlight=False,
         )
+    if per_frame:
+        _print_psnr_picture(console, per_frame)
+
+
+DEMO_FILES = ("reconstruction.mp4", "comparison.mp4", "metrics.json")
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Folder to write into (made if absent).")] = Path("ivvae-demo"),
+    frames: Annotated[int, typer.Option(min=1, help="Frames of the sample to reconstruct (76 in all).")] = 33,
+    short_side: Annotated[int, typer.Option(min=8, help="Resize first to this short side (272: as it is).")] = 128,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job on the sample clip shipped in the package (needs nothing else): reconstruct it with
+    the default model, write the reconstruction, a side-by-side comparison and metrics.json into
+    FOLDER, and print what was lost. The defaults take about a minute on two CPU cores."""
+    with _errors():
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"not a folder: {folder}")
+        there = [name for name in DEMO_FILES if (folder / name).exists()]
+        if there and not force:
+            raise OutputError(f"{folder} holds {', '.join(there)} already (use --force to overwrite)")
+        made = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        reconstruct(
+            SAMPLE, folder / DEMO_FILES[0], metrics=True, compare_video=folder / DEMO_FILES[1], model=model,
+            weights=weights, device=device, frames=frames, short_side=short_side, force=force, quiet=quiet,
+            json_path=folder / DEMO_FILES[2],
+        )  # fmt: skip
+    except BaseException:
+        if made:
+            with suppress(OSError):
+                folder.rmdir()  # only if the run left it empty
+        raise
+    if not quiet:
+        stderr.print(
+            f"wrote {folder}: {DEMO_FILES[0]}, {DEMO_FILES[1]} (source | reconstruction | error x{ERROR_GAIN}) "
+            f"and {DEMO_FILES[2]}",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -551,16 +689,23 @@ def info(
     file: Annotated[Path, typer.Argument(help="A latent file or a video.")],
     json_path: JsonOpt = None,
 ) -> None:
-    """Show what a latent file (or a video) holds."""
+    """Show what a latent file (or a video) holds; of a damaged latent file, what could be read and
+    what is wrong with it (exit code 3)."""
     with _errors():
         _input_file(file)
         report = describe_latent_file(file) if looks_like_latent_file(file) else describe_video(file)
+        problems = report.pop("problems", [])
         if json_path is None:
-            table = Table(show_header=False, title=str(file))
+            table = Table(show_header=False, title=escape(str(file)))
             for key, value in report.items():
-                table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+                table.add_row(key, Text(json.dumps(value) if isinstance(value, list | dict) else str(value)))
+            for problem in problems:
+                table.add_row(Text("problem", style="bold red"), Text(problem))
             Console().print(table)
-        _report(report, json_path)
+        _report(report | ({"problems": problems} if report["kind"] == "latent" else {}), json_path)
+        if problems:
+            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+            raise InputError(f"{file} is not a valid latent file: {problems[0]}{more}")
 
 
 @app.command()
@@ -598,6 +743,14 @@ def train(
     checkpoint_every: Annotated[
         int, typer.Option(min=1, help="Save the weights and the state to resume from every this many steps.")
     ] = 250,
+    frame_cache: Annotated[
+        Path | None,
+        typer.Option(help="Keep the decoded frames in this folder: later runs and --resume read them (no PyAV)."),
+    ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(min=0, help="Stop at the last checkpoint that ends within this many seconds; --resume continues."),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -605,6 +758,8 @@ def train(
     """Train or fine-tune IV-VAE on videos; resumable, exactly."""
     from ivvae_cli.train import TrainConfig, Trainer, manifest_videos, run_config
 
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    cache = str(frame_cache) if frame_cache else None
     with _errors():
         new = None
         if not resume:
@@ -620,9 +775,9 @@ def train(
                 phase=phase, steps=steps or 1000, clip_frames=clip_frames, crop=crop, batch=batch,
                 short_side=short_side, lr=lr, lr_final=lr_final, mse_weight=mse_weight, psnr_weight=psnr_weight,
                 ssim_weight=ssim_weight, bf16=not fp32, decoder_only=decoder_only, seed=seed,
-                checkpoint_every=checkpoint_every,
+                checkpoint_every=checkpoint_every, frame_cache=cache,
             )  # fmt: skip
-        config = run_config(out, new, steps)
+        config = run_config(out, new, steps, cache)
         trainer = Trainer(config, out, select_device(device))
         if not quiet:
             stderr.print(f"training {trainer.model.z_dim}x{trainer.model.dim} from step {trainer.step} in {out}")
@@ -636,7 +791,9 @@ def train(
                     status += f"  held-out {record['eval_psnr_db']:.2f} dB"
                 bar.update(task, completed=step, status=status)
 
-            record = trainer.run(show)
+            record = trainer.run(show, deadline)
+        if trainer.step < config.steps:
+            stderr.print(f"stopped by --time-limit at step {trainer.step} of {config.steps}; --resume continues")
         if not quiet:
             stderr.print(f"step {trainer.step}: {record}; weights in {out / 'model.safetensors'}", highlight=False)
 
@@ -728,11 +885,7 @@ def dataset_encode(
         if not quiet:
             stderr.print(_dataset_line(world, tally), highlight=False)
             if merged is not None:
-                stderr.print(
-                    f"index: {merged['clips']} clips in {out / 'index.jsonl'}; {merged['sources_failed']} sources "
-                    f"failed (errors.jsonl), {merged['sources_skipped']} too short",
-                    highlight=False,
-                )
+                stderr.print(_index_line(out, merged), highlight=False)
         _report(report, json_path)
         if tally.failed > max_errors:
             raise InputError(f"{tally.failed} sources failed (more than --max-errors {max_errors}); see {out}/failures")
@@ -750,12 +903,16 @@ def dataset_merge(
     with _errors():
         counts = merge_index(out)
         if json_path is None:
-            stderr.print(
-                f"index: {counts['clips']} clips; {counts['sources_failed']} sources failed, "
-                f"{counts['sources_skipped']} too short, {counts['sources_pending']} not done yet",
-                highlight=False,
-            )
+            stderr.print(_index_line(out, counts), highlight=False)
         _report(counts, json_path)
+
+
+def _index_line(out: Path, counts: dict) -> str:
+    line = (
+        f"index: {counts['clips']} clips in {out / 'index.jsonl'}; {counts['sources_failed']} sources failed "
+        f"(errors.jsonl), {counts['sources_skipped']} too short, {counts['sources_warned']} with warnings (records/)"
+    )
+    return line + (f", {counts['sources_pending']} not done yet" if counts["sources_pending"] else "")
 
 
 def _fraction(text: str | None, option: str) -> Fraction | None:

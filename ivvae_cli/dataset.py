@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -36,13 +37,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ivvae_cli.errors import InputError, IvvaeError, OutputError
+from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
 from ivvae_cli.latent_file import LatentFile, LatentHeader, read_latent_header, write_latent_file
 from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.outputs import atomic_output, remove_stale_partials
 from ivvae_cli.pipeline import MemoryOptions
 from ivvae_cli.stream import StreamEncoder
-from ivvae_cli.video import probe, read_frames, resized
+from ivvae_cli.video import VideoInfo, probe, read_frames, resized
 from ivvae_cli.weights import LoadedModel
 
 VIDEO_EXTENSIONS = frozenset(
@@ -319,18 +320,19 @@ class Geometry:
         return np.ascontiguousarray(frames[:, top : top + height, left : left + width])
 
 
-def _indexed_frames(source: Source, geometry: Geometry, options: ClipOptions) -> Iterator[tuple[int, np.ndarray, int]]:
+def _indexed_frames(
+    source: Source, info: VideoInfo, geometry: Geometry, options: ClipOptions
+) -> Iterator[tuple[int, np.ndarray, int]]:
     """``(frame index, frame, pts)`` over the source's span, resized and cropped. Indices count
     frames from the video's start at its average rate; with ``target_fps``, ticks of that rate, each
     taking the latest source frame at or before it (so frames drop or repeat)."""
-    info = probe(source.path)
     rate = Fraction(info.frame_rate)
     # Manifest numbers are decimals as written (0.56 s is 14/25, not the float nearest it).
     start_s, end_s = (
         None if v is None else Fraction(str(v)) / (rate if source.unit == "frames" else 1)
         for v in (source.start, source.end)
     )
-    reader = read_frames(source.path, start=float(start_s or 0), chunk=8, size=geometry.resized)
+    reader = read_frames(source.path, start=float(start_s or 0), chunk=8, size=geometry.resized, info=info)
     try:
         frames = (
             (frame, pts, pts * info.time_base)
@@ -364,12 +366,14 @@ def _indexed_frames(source: Source, geometry: Geometry, options: ClipOptions) ->
 Piece = tuple[int, int | None, np.ndarray, list[int], bool]  # clip start and end indices, frames, pts, last
 
 
-def clip_pieces(source: Source, options: ClipOptions, geometry: Geometry) -> Iterator[Piece]:
+def clip_pieces(source: Source, options: ClipOptions, info: VideoInfo | None = None) -> Iterator[Piece]:
     """A source's clips in pieces of at most ``PIECE_FRAMES`` frames: ``(first frame index, last
     index + 1, frames (t, H, W, C), pts, last piece)``. head, chunk and slide clips are held until
     complete, so a clip that runs short never reaches the model (and head stops decoding after its
-    clip); a ``full`` clip streams, since it always completes (its end is known with its last piece)."""
-    frames_in = _indexed_frames(source, geometry, options)
+    clip); a ``full`` clip streams, since it always completes (its end is known with its last piece).
+    ``info``: the source's ``probe``, when the caller has it."""
+    info = info or probe(source.path)
+    frames_in = _indexed_frames(source, info, Geometry.plan(info.width, info.height, options), options)
     if options.mode == "full":
         start, frames, pts, index = None, [], [], 0
         for index, frame, stamp in frames_in:
@@ -515,12 +519,13 @@ def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, 
         raise InputError(f"{folder} holds no ivvae dataset (no dataset.json)")
     sources = sources if sources is not None else read_sources(spec.source, spec.columns)
     layout = Layout(folder)
-    rows, errors, pending, skipped = [], [], 0, 0
+    rows, errors, pending, skipped, warned = [], [], 0, 0, 0
     for source in sources:
         record = _record(layout, source, spec.fingerprint)
         if record is not None:
             rows += record["rows"]
             skipped += record.get("skipped") is not None
+            warned += bool(record.get("warnings"))
             continue
         failure = _read_json(layout.failure(source))
         if failure is not None:
@@ -532,7 +537,7 @@ def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, 
             tmp.write_text("".join(json.dumps(item, default=str) + "\n" for item in items))
     parquet = _write_parquet(folder / "index.parquet", rows)
     return {"clips": len(rows), "sources_failed": len(errors), "sources_pending": pending,
-            "sources_skipped": skipped, "parquet": parquet}  # fmt: skip
+            "sources_skipped": skipped, "sources_warned": warned, "parquet": parquet}  # fmt: skip
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> bool:
@@ -546,9 +551,10 @@ def _write_parquet(path: Path, rows: list[dict]) -> bool:
     return True
 
 
-def _complete(layout: Layout, sources: list[Source], fingerprint: str) -> bool:
-    """Whether every source is done or failed (the last process to finish writes the index)."""
-    return all(_record(layout, s, fingerprint) is not None or layout.failure(s).exists() for s in sources)
+def _complete(layout: Layout, sources: list[Source]) -> bool:
+    """Whether every source has a record or a failure (the last process to finish writes the index).
+    Existence alone, cheap over millions: ``merge_index`` checks each record's settings."""
+    return all(layout.record(s).exists() or layout.failure(s).exists() for s in sources)
 
 
 # -- decoding, in worker processes -----------------------------------------------------------------
@@ -570,13 +576,20 @@ class _ClipReader(IterableDataset):
             yield from self._source(index, source)
 
     def _source(self, index: int, source: Source) -> Iterator[dict[str, Any]]:
+        """One source's messages; what ivvae warns of while reading it (e.g. broken timestamps
+        replaced by the declared rate) goes into its record instead of the terminal."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IvvaeWarning)
+            yield from self._pieces(index, source, caught)
+
+    def _pieces(self, index: int, source: Source, caught: list) -> Iterator[dict[str, Any]]:
         clips, done = 0, None
         try:
             info = probe(source.path)
             geometry = Geometry.plan(info.width, info.height, self.options)
             rate = self.options.target_fps or Fraction(info.frame_rate)
             skip: str | None = None
-            for start, end, frames, pts, last in clip_pieces(source, self.options, geometry):
+            for start, end, frames, pts, last in clip_pieces(source, self.options, info):
                 name = clip_name(source, self.options, start, end)
                 if name != skip and name != done:
                     skip = name if self._written(source, name) else None
@@ -593,6 +606,7 @@ class _ClipReader(IterableDataset):
                     "scale": float(np.iinfo(frames.dtype).max), "pts": torch.tensor(pts, dtype=torch.int64),
                     "last": last, "rate": str(rate), "time_base": str(info.time_base),
                     "geometry": asdict(geometry), "source_size": [info.width, info.height],
+                    "colour": asdict(info.colour), "bit_depth": info.bit_depth,
                 }  # fmt: skip
         except IvvaeError as e:
             yield {"kind": "failed", "source": index, "stage": "decode", "reason": str(e)}
@@ -604,7 +618,8 @@ class _ClipReader(IterableDataset):
         if clips == 0:
             needs = "a frame" if self.options.mode == "full" else f"{self.options.frames} frames"
             short = f"too short: no clip of {needs} in its span"
-        yield {"kind": "end", "source": index, "skipped": short}
+        said = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, IvvaeWarning)))
+        yield {"kind": "end", "source": index, "skipped": short, "warnings": said}
 
     def _written(self, source: Source, name: str) -> bool:
         """Whether an earlier run wrote this clip with the same settings (a resumed job)."""
@@ -689,7 +704,7 @@ def encode_dataset(
             job.take(message)
             if progress:
                 progress(tally)
-    merged = merge_index(folder, sources) if _complete(layout, sources, spec.fingerprint) else None
+    merged = merge_index(folder, sources) if _complete(layout, sources) else None
     return tally, merged
 
 
@@ -722,7 +737,8 @@ class _Job:
             elif kind == "end":
                 rows = self.rows.pop(index, [])
                 _write_json(self.layout.record(source), {"fingerprint": self.spec.fingerprint, "rows": rows,
-                                                         "skipped": message["skipped"]})  # fmt: skip
+                                                         "skipped": message["skipped"],
+                                                         "warnings": message["warnings"]})  # fmt: skip
                 self.layout.failure(source).unlink(missing_ok=True)
                 self.tally.done += 1
                 self.tally.skipped += message["skipped"] is not None
@@ -802,6 +818,7 @@ class _Job:
             padded_width=padded.width, dtype=str(self.dtype).removeprefix("torch."), posterior=options.posterior,
             seed=clip_seed(options.seed, source, message["start"]) if options.posterior == "sample" else None,
             tiling=opened.stream.tiling.describe(padded.latent()),
+            **{f"colour_{key}": value for key, value in message["colour"].items()}, bit_depth=message["bit_depth"],
             clip={
                 "source": source.key, "id": source.id, "start_frame": message["start"],
                 "end_frame": message["start"] + size.frames if options.mode != "full" else None,

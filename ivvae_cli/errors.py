@@ -35,3 +35,8 @@ class DownloadError(IvvaeError):
     """A download that could not complete (what was fetched is kept to resume from)."""
 
     exit_code = 7
+
+
+class IvvaeWarning(UserWarning):
+    """Something the user should know, said once in one line, while the work goes on (the CLI
+    prints each as ``warning: ...`` unless --quiet)."""

@@ -1,9 +1,14 @@
 """IV-VAE building blocks.
 
 Activations are laid out frames-major, ``(B, T, C, H, W)``, so that the per-frame 2D work, which is
-most of the model, sees a free ``(B*T, C, H, W)`` view. Channels come in two halves (KTC): the first
-half is the 2D (keyframe) path, the second the 3D (temporal) path. Attribute names follow the
-published checkpoints so their state dicts load unchanged.
+most of the model, sees a free ``(B*T, C, H, W)`` view; in memory channels are innermost
+(``(B, T, H, W, C)``), the channels-last layout the convolutions run fastest on, and every layer
+keeps it. Channels come in two halves (KTC): the first half is the 2D (keyframe) path, the second
+the 3D (temporal) path. Attribute names follow the published checkpoints so their state dicts load
+unchanged.
+
+Without autograd (inference) the layers normalise, activate and sum in place into the buffers their
+convolutions return, which are theirs alone; with autograd (training) they work out of place.
 """
 
 from __future__ import annotations
@@ -43,10 +48,21 @@ def channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def records_grad(x: Tensor) -> bool:
-    """Whether autograd records ops on ``x``: training avoids in-place writes into slices, whose
-    backward costs more than they save."""
-    return torch.is_grad_enabled() and x.requires_grad
+def records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records ops on any of ``tensors``: training avoids in-place writes, whose
+    backward costs more than they save (or which it cannot differentiate)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def cat_channels(parts: list[Tensor]) -> Tensor:
+    """``torch.cat(parts, dim=2)`` of ``(B, T, C, H, W)`` tensors, channels innermost in memory (a
+    plain cat of 5D tensors makes them outermost, and the next convolution would copy it back)."""
+    return torch.cat([p.movedim(2, -1) for p in parts], dim=-1).movedim(-1, 2)
+
+
+def add_skip(x: Tensor, skip: Tensor) -> Tensor:
+    """A residual sum, into ``x`` (a block's own new tensor) unless autograd records."""
+    return x + skip if records_grad(x) else x.add_(skip)
 
 
 def frame_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -62,8 +78,8 @@ class GroupCausalConv3d(nn.Conv3d):
     behind with zeros. Frames of a group therefore see each other symmetrically, and a stream needs
     only one cached frame per layer. Spatial padding is zero, as in the reference.
 
-    By linearity the kernel runs as a 2D convolution of every frame with each time tap
-    (``tap_weights``), and ``add_neighbours`` sums each frame's taps from the frames around it: no
+    By linearity the kernel runs as 2D convolutions of the frames with each time tap (see
+    ``KTCConv3d``), and ``add_neighbours`` sums each frame's taps from the frames around it: no
     stacked copies of the input, and the cache holds the last frame's projection onto the
     previous-frame tap, which is all the next step needs of it.
     """
@@ -74,39 +90,43 @@ class GroupCausalConv3d(nn.Conv3d):
             raise ValueError("GroupCausalConv3d supports kernel sizes 1 and 3")
         self.frames_per_group = frames_per_group
 
-    def tap_weights(self) -> Tensor:
-        """``(taps * O, C, kh, kw)``: the current frame's tap first, then the previous and the next."""
-        taps = self.weight.movedim(2, 0)
-        return (taps if len(taps) == 1 else taps[[1, 0, 2]]).flatten(0, 1)
-
-    def add_neighbours(self, taps: Tensor, cache: CausalCache | None = None) -> Tensor:
-        """The current tap ``taps[:, :, :O]`` plus the previous frame's previous-tap output and,
-        inside a group, the next frame's next-tap output. ``taps``: ``(B, T, taps * O, H, W)`` for a
-        chunk that starts at a group boundary. Sums in place unless autograd records."""
-        o, t, group = self.out_channels, taps.shape[1], self.frames_per_group
-        if self.kernel_size[0] == 1:
-            return taps
-        current, previous, following = taps.split(o, dim=2)  # split, not slices: a cheaper backward
+    def add_neighbours(
+        self, current: Tensor, previous: Tensor, following: Tensor | None, cache: CausalCache | None = None
+    ) -> Tensor:
+        """``current`` (the current-frame tap's output) plus the previous frame's ``previous`` tap
+        output and, inside a group, the next frame's ``following`` tap output. ``current`` and
+        ``previous`` are ``(B, T, O, H, W)`` for a chunk that starts at a group boundary;
+        ``following`` covers its frames 1 to T-1 (None when T = 1: no frame has a next one).
+        Sums into ``current`` unless autograd records."""
+        t, group = current.shape[1], self.frames_per_group
         first = previous[:, :1] if cache is None or self not in cache.last_frames else cache.last_frames[self]
         if cache is not None:
-            cache.last_frames[self] = previous[:, -1:].clone()
-        if records_grad(taps):
-            in_group = torch.tensor([(i + 1) % group != 0 and i + 1 < t for i in range(t)], device=taps.device)
-            ahead = F.pad(following[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1)) * in_group.view(1, t, 1, 1, 1)
-            return current + torch.cat([first, previous[:, :-1]], dim=1) + ahead
+            # A dense channels-last copy, strided the same at every step (torch.compile guards on strides).
+            frame = previous[:, -1]
+            cache.last_frames[self] = torch.empty_like(frame, memory_format=torch.channels_last).copy_(frame)[:, None]
+        if records_grad(current, previous):  # following comes from the same weights and input as previous
+            y = current + torch.cat([first, previous[:, :-1]], dim=1)
+            if following is None:
+                return y
+            in_group = torch.tensor([i % group != 0 for i in range(1, t)], device=current.device)
+            return y + F.pad(following * in_group.view(1, t - 1, 1, 1, 1), (0, 0, 0, 0, 0, 0, 0, 1))
         current[:, :1] += first
         current[:, 1:] += previous[:, :-1]
-        for start in range(0, t, group):
+        for start in range(0, t if following is not None else 0, group):
             end = min(start + group, t)
-            current[:, start : end - 1] += following[:, start + 1 : end]
+            current[:, start : end - 1] += following[:, start : end - 1]  # frames start+1 .. end-1
         return current
 
 
 class KTCConv3d(nn.Module):
     """A KTC convolution: per-frame 2D conv (keyframe half) beside a GCConv (temporal half).
 
-    Both read every input channel; their outputs are concatenated, 2D half first. Both halves and
-    every time tap run as one 2D convolution, whose first channels are then the output.
+    Both read every input channel; their outputs are concatenated, 2D half first. The 2D half and
+    the 3D half's current-frame tap run as one 2D convolution, whose output is the layer's; the
+    previous-frame tap runs on every frame and the next-frame tap on all but the first (no frame
+    before it takes it), as two more, and they are summed in from the frames around. Narrower
+    convolutions run as fast per output channel on CPU, and the output needs no copy out of a
+    wider one.
     """
 
     def __init__(self, in_channels: int, out_2d: int, out_3d: int, kernel_size: int, frames_per_group: int):
@@ -116,13 +136,53 @@ class KTCConv3d(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         b, t = x.shape[:2]
-        weight = torch.cat([self.conv_2d.weight, self.conv_3d.tap_weights()])
-        out = self.conv_2d.out_channels + self.conv_3d.out_channels
-        bias = F.pad(torch.cat([self.conv_2d.bias, self.conv_3d.bias]), (0, len(weight) - out))
-        y = F.conv2d(channels_last(x.flatten(0, 1)), weight, bias, padding=self.conv_2d.padding).unflatten(0, (b, t))
-        y_2d, y_taps = y.split([self.conv_2d.out_channels, len(weight) - self.conv_2d.out_channels], dim=2)
-        y_3d = self.conv_3d.add_neighbours(y_taps, cache)
-        return torch.cat([y_2d, y_3d], dim=2) if records_grad(y) else y[:, :, :out]  # else summed in place
+        frames, padding = channels_last(x.flatten(0, 1)), self.conv_2d.padding
+        taps = self.conv_3d.weight.unbind(2)  # previous, current, next frame (or only current)
+        weight = torch.cat([self.conv_2d.weight, taps[len(taps) // 2]])
+        bias = torch.cat([self.conv_2d.bias, self.conv_3d.bias])
+        y = F.conv2d(frames, weight, bias, padding=padding).unflatten(0, (b, t))
+        if len(taps) == 1:
+            return y
+        previous = F.conv2d(frames, taps[0], None, padding=padding).unflatten(0, (b, t))
+        following = None
+        if t > 1:
+            later = channels_last(x[:, 1:].flatten(0, 1))  # a view for one clip
+            following = F.conv2d(later, taps[2], None, padding=padding).unflatten(0, (b, t - 1))
+        y_2d, y_3d = y.split(self.conv_2d.out_channels, dim=2)
+        y_3d = self.conv_3d.add_neighbours(y_3d, previous, following, cache)
+        return cat_channels([y_2d, y_3d]) if records_grad(y) else y  # else summed in place
+
+
+def padded_conv(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """A resampler's (padding, strided convolution) on every frame: the padding writes the
+    channels-last copy the convolution reads (no separate conversion first)."""
+    pad, conv = layers
+    return conv(pad(x.flatten(0, 1))).unflatten(0, x.shape[:2])
+
+
+# Which 3x3 kernel rows (or columns) fall on which input row, for the two output rows an input row
+# turns into under nearest 2x upsampling: output row 2i reads rows (i-1, i, i) through kernel rows
+# 0, 1, 2, output row 2i+1 reads (i, i, i+1). Indexed (phase, tap of the 2x2 kernel, 3x3 row).
+_UPSAMPLE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def upsampled_conv(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """A resampler's (nearest 2x upsampling, 3x3 convolution) on every frame, as one 2x2
+    convolution of the frames themselves: the upsampled copies share their neighbours, so their
+    taps add up into one 2x2 kernel for each of the four output phases. 16 multiply-adds per
+    output value instead of 36, and no upsampled copy of the input; the phases are interleaved as
+    the output is written."""
+    conv = layers[1]
+    n, c, h, w = x.flatten(0, 1).shape
+    o = conv.out_channels
+    taps = torch.tensor(_UPSAMPLE_TAPS, dtype=conv.weight.dtype, device=conv.weight.device)
+    kernels = torch.einsum("pry,ocyx,qsx->pqocrs", taps, conv.weight, taps).reshape(4 * o, c, 2, 2)
+    y = F.conv2d(channels_last(x.flatten(0, 1)), kernels, conv.bias.repeat(4), padding=1)
+    y = channels_last(y)  # (N, 4*O, H+1, W+1): phase (py, px) at channels [(2py+px)*O, ...)
+    # Output pixel (2i+py, 2j+px) is phase (py, px) at (i+py, j+px): one strided view of y.
+    sn, _, sh, sw = y.stride()
+    phases = y.as_strided((n, h, 2, w, 2, o), (sn, sh, sh + 2 * o, sw, sw + o, 1))
+    return phases.reshape(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2).unflatten(0, x.shape[:2])
 
 
 class FrameConv2d(nn.Module):
@@ -137,9 +197,15 @@ class FrameConv2d(nn.Module):
         return frame_conv(self.conv, x)
 
 
-def unit_norm(x: Tensor, dim: int) -> Tensor:
-    """``F.normalize(x, dim=dim)`` (x / max(||x||, 1e-12)), about twice as fast on CPU."""
-    return x * torch.rsqrt((x * x).sum(dim, keepdim=True).clamp_min(1e-24))
+def rms_rows(rows: Tensor, weight: Tensor, inplace: bool = False) -> Tensor:
+    """RMS norm of ``rows`` over the last dim, times ``weight`` (broadcast over the last dims):
+    ``F.normalize(rows, dim=-1) * weight``. Without autograd: one reduction and two passes, into
+    ``rows`` with ``inplace``."""
+    inverse = 1 / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(1e-12)
+    if records_grad(rows, weight):
+        return rows * inverse * weight
+    out = rows.mul_(inverse) if inplace else rows * inverse
+    return out.mul_(weight)
 
 
 class SplitRMSNorm(nn.Module):
@@ -150,9 +216,16 @@ class SplitRMSNorm(nn.Module):
         self.scale = half_channels**0.5
         self.gamma = nn.Parameter(torch.ones(2 * half_channels, 1, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        halves = unit_norm(x.unflatten(2, (2, -1)), dim=3).flatten(2, 3)
-        return halves.mul_(self.gamma.view(-1, 1, 1) * self.scale)  # in place: one pass over the frames
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``x``: ``(..., C, H, W)``, normalised over a channels-innermost view; ``inplace`` lets it
+        overwrite ``x`` (when autograd does not record)."""
+        halves = x.movedim(-3, -1).unflatten(-1, (2, -1))  # (..., H, W, 2, C/2)
+        return rms_rows(halves, self.gamma.view(2, -1) * self.scale, inplace).flatten(-2).movedim(-1, -3)
+
+    def silu(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``F.silu(self(x))``, activated in place unless autograd records."""
+        y = self(x, inplace)
+        return F.silu(y, inplace=not records_grad(y))
 
 
 class RMSNorm2d(nn.Module):
@@ -163,8 +236,9 @@ class RMSNorm2d(nn.Module):
         self.scale = channels**0.5
         self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return unit_norm(x, dim=1).mul_(self.gamma * self.scale)
+    def forward(self, rows: Tensor) -> Tensor:
+        """``rows``: ``(..., C)``, channels last."""
+        return rms_rows(rows, self.gamma.view(-1) * self.scale)
 
 
 class FrameAttention(nn.Module):
@@ -178,12 +252,13 @@ class FrameAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, _, h, w = x.shape
-        frames = x.flatten(0, 1)
-        # Contiguous (N, 1, H*W, C) queries, keys and values: the layout of the fused kernels.
-        q, k, v = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
-        y = self.proj(y.squeeze(1).transpose(1, 2).unflatten(2, (h, w)))
-        return x + y.unflatten(0, (b, t))
+        # Pixels as rows, (N, H*W, C): a view of channels-last frames, where the 1x1 convolutions are
+        # matrix products and the queries, keys and values come out in the attention kernel's layout.
+        rows = x.movedim(2, -1).flatten(0, 1).flatten(1, 2)
+        qkv = F.linear(self.norm(rows), self.to_qkv.weight.flatten(1), self.to_qkv.bias)
+        y = F.scaled_dot_product_attention(*qkv.unsqueeze(1).chunk(3, dim=-1)).squeeze(1)
+        y = add_skip(F.linear(y, self.proj.weight.flatten(1), self.proj.bias), rows)
+        return y.unflatten(1, (h, w)).unflatten(0, (b, t)).movedim(-1, 2)
 
 
 class KTCAttention(nn.Module):
@@ -197,7 +272,7 @@ class KTCAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         x_2d, x_3d = x.split(self.half_channels, dim=2)
-        return torch.cat([self.Attention_2d(x_2d), self.Attention_3d(x_3d)], dim=2)
+        return cat_channels([self.Attention_2d(x_2d), self.Attention_3d(x_3d)])
 
 
 def _residual_layers(norm_in: int, conv_in: nn.Module, norm_out: int, conv_out: nn.Module) -> nn.Sequential:
@@ -221,10 +296,10 @@ class KTCResidualBlock(nn.Module):
         self.shortcut = KTCConv3d(2 * in_half, out_half, out_half, 1, frames_per_group) if in_half != out_half else None
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        norm_in, _, conv_in, norm_out, _, _, conv_out = self.residual
         skip = x if self.shortcut is None else self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, KTCConv3d) else layer(x)
-        return x + skip
+        y = conv_in(norm_in.silu(x), cache)
+        return add_skip(conv_out(norm_out.silu(y, inplace=True), cache), skip)
 
 
 class FrameResidualBlock(nn.Module):
@@ -238,8 +313,10 @@ class FrameResidualBlock(nn.Module):
         self.shortcut = FrameConv2d(2 * in_half, 2 * out_half, 1) if in_half != out_half else None
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        norm_in, _, conv_in, norm_out, _, _, conv_out = self.residual
         skip = x if self.shortcut is None else self.shortcut(x)
-        return self.residual(x) + skip
+        y = conv_in(norm_in.silu(x))
+        return add_skip(conv_out(norm_out.silu(y, inplace=True)), skip)
 
 
 class KTCDownsample(nn.Module):
@@ -258,13 +335,16 @@ class KTCDownsample(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         x_2d, x_3d = x.split(self.half_channels, dim=2)
-        x_2d, x_3d = frame_conv(self.resample_2d, x_2d), frame_conv(self.resample_3d, x_3d)
-        if self.time_conv is None or (cache is not None and cache.first_step):
-            return torch.cat([x_2d, x_3d], dim=2)
-        b, t, c, h, w = x_3d.shape
-        pairs = x_3d.reshape(b * t // 2, 2 * c, h, w)  # frame pairs side by side on channels
-        x_3d = F.conv2d(pairs, self.time_conv.weight.transpose(1, 2).flatten(1, 2), self.time_conv.bias)
-        return torch.cat([x_2d[:, ::2], x_3d.unflatten(0, (b, t // 2))], dim=2)
+        temporal = self.time_conv is not None and not (cache is not None and cache.first_step)
+        if temporal:
+            x_2d = x_2d[:, ::2]  # the keyframes: the only frames of the 2D half that are kept
+        x_2d, x_3d = padded_conv(self.resample_2d, x_2d), padded_conv(self.resample_3d, x_3d)
+        if temporal:
+            b, t, c, h, w = x_3d.shape
+            pairs = x_3d.reshape(b * t // 2, 2 * c, h, w)  # frame pairs side by side on channels
+            x_3d = F.conv2d(pairs, self.time_conv.weight.transpose(1, 2).flatten(1, 2), self.time_conv.bias)
+            x_3d = x_3d.unflatten(0, (b, t // 2))
+        return cat_channels([x_2d, x_3d])
 
 
 class KTCUpsample(nn.Module):
@@ -288,12 +368,19 @@ class KTCUpsample(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         x_2d, x_3d = x.split(self.half_channels, dim=2)
-        if self.time_conv is not None and not (cache is not None and cache.first_step):
+        temporal = self.time_conv is not None and not (cache is not None and cache.first_step)
+        if temporal:
             b, t, c, h, w = x_3d.shape
-            x_2d = x_2d.repeat_interleave(2, dim=1)
             x_3d = F.conv2d(x_3d.flatten(0, 1), self.time_conv.weight.flatten(1, 2), self.time_conv.bias)
-            x_3d = x_3d.reshape(b, t * 2, c, h, w)  # output channels [frame 2j | frame 2j+1]
-        return torch.cat([frame_conv(self.resample_2d, x_2d), frame_conv(self.resample_3d, x_3d)], dim=2)
+            # Output channels [frame 2j | frame 2j+1], regrouped as frames, channels innermost.
+            x_3d = x_3d.movedim(1, -1).unflatten(-1, (2, c)).movedim(-2, 1).reshape(b, 2 * t, h, w, c).movedim(-1, 2)
+        y_2d, y_3d = upsampled_conv(self.resample_2d, x_2d), upsampled_conv(self.resample_3d, x_3d)
+        if not temporal:
+            return cat_channels([y_2d, y_3d])
+        # The 2D half repeats each frame: convolved once, repeated as the output is written.
+        y_2d = y_2d.movedim(2, -1).unsqueeze(2).expand(-1, -1, 2, -1, -1, -1)
+        y_3d = y_3d.movedim(2, -1).unflatten(1, (t, 2))
+        return torch.cat([y_2d, y_3d], dim=-1).flatten(1, 2).movedim(-1, 2)
 
 
 class AtrousPyramidHead(nn.Module):
@@ -314,4 +401,4 @@ class AtrousPyramidHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         branches = [getattr(self, f"PAC_{d}")(x).split(self.out_half, dim=2) for d in self.dilations]
         # All 2D halves first, then all 3D halves.
-        return self.PAC_conv(torch.cat([half for i in (0, 1) for half in (br[i] for br in branches)], dim=2))
+        return self.PAC_conv(cat_channels([half for i in (0, 1) for half in (br[i] for br in branches)]))

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ivvae_cli.colour import Colour
 from ivvae_cli.errors import InputError
 from ivvae_cli.model import TEMPORAL_STRIDE
-from ivvae_cli.video import VideoWriter, probe, read_frames, unit_float
 
+# The video module (PyAV) is imported where videos are read or written, so that training, which
+# needs only ssim_torch, runs where PyAV is absent.
 PSNR_CAP = 100.0
 _SIGMA, _RADIUS = 1.5, 5
 
@@ -218,10 +220,14 @@ ERROR_GAIN = 8  # the comparison video's error map: |source - reconstruction| ti
 
 
 class ComparisonWriter:
-    """A video of source | reconstruction | amplified error, side by side."""
+    """A video of source | reconstruction | amplified error, side by side, converted and tagged as
+    the source's ``colour`` says (``output_format``)."""
 
-    def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction):
-        self.writer = VideoWriter(path, width=3 * width, height=height, frame_rate=frame_rate, time_base=time_base)
+    def __init__(self, path: Path, width: int, height: int, frame_rate: Fraction, time_base: Fraction, colour: Colour):
+        from ivvae_cli.video import VideoWriter, output_format
+
+        fmt = output_format(path, 3 * width, height, colour=colour)
+        self.writer = VideoWriter(path, fmt, frame_rate=frame_rate, time_base=time_base)
 
     def write(self, source: np.ndarray, reconstruction: np.ndarray, pts: list[int]) -> None:
         recon = np.rint(np.clip(reconstruction, 0, 1) * 255) / 255
@@ -246,6 +252,8 @@ def compare_videos(
 ) -> tuple[Metrics, dict]:
     """Metrics of video ``b`` against video ``a``, frame by frame (any two videos, any codec).
     Returns the metrics and the frame counts; frames past the shorter video are not compared."""
+    from ivvae_cli.video import probe, read_frames, unit_float
+
     info_a, info_b = probe(a), probe(b)
     if (info_a.width, info_a.height) != (info_b.width, info_b.height):
         raise InputError(f"{a} is {info_a.width}x{info_a.height} but {b} is {info_b.width}x{info_b.height}")
@@ -253,7 +261,7 @@ def compare_videos(
     counts = {"a": 0, "b": 0}
     first_pts = None
     side = (
-        ComparisonWriter(comparison, info_a.width, info_a.height, info_a.frame_rate, info_a.time_base)
+        ComparisonWriter(comparison, info_a.width, info_a.height, info_a.frame_rate, info_a.time_base, info_a.colour)
         if comparison
         else nullcontext()
     )

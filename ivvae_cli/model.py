@@ -119,7 +119,8 @@ class Encoder(nn.Module):
         x = self.conv1(x, cache)
         for layer in [*self.downsamples, *self.middle]:
             x = layer(x, cache)
-        return self.head(x)
+        norm, _, pyramid = self.head
+        return pyramid(norm.silu(x, inplace=True))  # x: the last block's own output
 
 
 class Decoder(nn.Module):
@@ -154,8 +155,8 @@ class Decoder(nn.Module):
         x = self.conv1(x)
         for layer in [*self.middle, *self.upsamples]:
             x = layer(x, cache)
-        norm, act, conv = self.head
-        return conv(act(norm(x)), cache)
+        norm, _, conv = self.head
+        return conv(norm.silu(x, inplace=True), cache)  # x: the last block's own output
 
 
 class IVVAE(nn.Module):

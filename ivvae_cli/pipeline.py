@@ -6,6 +6,7 @@ Each streams: frames are read, pushed through the model and written a few groups
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 from collections import deque
@@ -18,12 +19,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ivvae_cli.colour import Colour
 from ivvae_cli.errors import DeviceError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
 from ivvae_cli.metrics import ComparisonWriter, Metrics, sizes
 from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.stream import StreamDecoder, StreamEncoder, Tiling, plan_tiling
-from ivvae_cli.video import VideoInfo, VideoWriter, probe, read_audio, read_frames, resized, unit_float
+from ivvae_cli.video import (
+    OutputFormat,
+    VideoInfo,
+    VideoWriter,
+    output_format,
+    probe,
+    read_audio,
+    read_frames,
+    resized,
+    unit_float,
+)
 from ivvae_cli.weights import LoadedModel
 
 Progress = Callable[[int], None]
@@ -87,6 +99,7 @@ class EncodeOptions:
     sample: bool = False
     seed: int | None = None
     short_side: int | None = None  # resize so the short side has this many pixels (as benchmarks do)
+    skip_errors: bool = False  # leave out what a damaged video cannot decode, instead of stopping there
 
 
 @dataclass
@@ -144,6 +157,16 @@ class WriteOptions:
     codec: str | None = None
     quality: int = 18
     lossless: bool = False
+    bit_depth: int | None = None  # None: 10 for deep sources where the codec holds it, else 8
+    chroma: str = "auto"  # auto, 420 or 444
+
+    def format(self, path: Path, width: int, height: int, colour: Colour, source_depth: int) -> OutputFormat:
+        """How a ``width`` x ``height`` video from a source with ``colour`` and ``source_depth`` bits
+        will be written to ``path``."""
+        return output_format(
+            path, width, height, codec=self.codec, lossless=self.lossless, colour=colour, source_depth=source_depth,
+            bit_depth=self.bit_depth, chroma=self.chroma,
+        )  # fmt: skip
 
 
 def _frame_limit(info: VideoInfo, options: EncodeOptions) -> int | None:
@@ -198,13 +221,15 @@ class _Source:
             tiling=self.tiling,
         )
         self.pts: list[int] = []
+        chunk = TEMPORAL_STRIDE * self.groups
+        size = (self.info.width, self.info.height)
+        self.reader = read_frames(
+            path, start=options.start, max_frames=self.limit, chunk=chunk, size=size, skip_errors=options.skip_errors
+        )
 
     def chunks(self):
         """Yield ``(frames, latent part)`` as frames are read and encoded."""
-        chunk = TEMPORAL_STRIDE * self.groups
-        size = (self.info.width, self.info.height)
-        reader = read_frames(self.path, start=self.options.start, max_frames=self.limit, chunk=chunk, size=size)
-        for frames, stamps in reader:
+        for frames, stamps in self.reader:
             self.pts.extend(stamps)
             yield frames, self.stream.push(_to_model(frames))
         yield None, self.stream.finish()
@@ -224,7 +249,7 @@ class _Source:
             source_frames=size.frames,
             source_height=size.height,
             source_width=size.width,
-            frame_rate=str(self.info.frame_rate),
+            frame_rate=str(self.reader.frame_rate),
             time_base=str(self.info.time_base),
             start_time=self.options.start,
             padded_frames=padded.frames,
@@ -234,6 +259,11 @@ class _Source:
             posterior="sample" if self.options.sample else "mean",
             seed=self.seed if self.options.sample else None,
             tiling=self.tiling.describe(padded.latent()),
+            colour_matrix=self.info.colour.matrix,
+            colour_primaries=self.info.colour.primaries,
+            colour_transfer=self.info.colour.transfer,
+            colour_range=self.info.colour.range,
+            bit_depth=self.info.bit_depth,
         )
 
     def relative_pts(self) -> np.ndarray:
@@ -243,11 +273,15 @@ class _Source:
     def audio(self) -> bytes | None:
         """The source's audio over the frames asked for."""
         end = self.options.start + self.limit / self.info.frame_rate if self.limit is not None else None
-        return read_audio(self.path, start=self.options.start, end=None if end is None else float(end))
+        end = None if end is None else float(end)
+        return read_audio(self.path, start=self.options.start, end=end, skip_errors=self.options.skip_errors)
 
     def writer(self, path: Path, options: WriteOptions, audio: bytes | None) -> VideoWriter:
-        return _writer(
-            path, self.info.width, self.info.height, self.info.frame_rate, self.info.time_base, options, audio
+        """A writer at the reader's rate: call it once the first frames are read, which settle it."""
+        info = self.info
+        fmt = options.format(path, info.width, info.height, info.colour, info.bit_depth)
+        return VideoWriter(
+            path, fmt, frame_rate=self.reader.frame_rate, time_base=info.time_base, quality=options.quality, audio=audio
         )
 
 
@@ -282,26 +316,9 @@ def check_model_matches(data: LatentFile, loaded: LoadedModel, name: str) -> Non
         )
 
 
-def _writer(
-    path: Path,
-    width: int,
-    height: int,
-    frame_rate: Fraction,
-    time_base: Fraction,
-    options: WriteOptions,
-    audio: bytes | None,
-) -> VideoWriter:
-    return VideoWriter(
-        path,
-        width=width,
-        height=height,
-        frame_rate=frame_rate,
-        time_base=time_base,
-        codec=options.codec,
-        quality=options.quality,
-        lossless=options.lossless,
-        audio=audio,
-    )
+def decode_format(header: LatentHeader, path: Path, options: WriteOptions) -> OutputFormat:
+    """How ``decode`` writes the latent with ``header`` to ``path``."""
+    return options.format(path, header.source_width, header.source_height, header.colour, header.bit_depth or 8)
 
 
 def _decoded(stream: StreamDecoder, latent: torch.Tensor):
@@ -324,11 +341,13 @@ def decode_latent(
     h = data.header
     memory = memory or MemoryOptions()
     groups, tiling = memory.plan(loaded, h.padded_height, h.padded_width, "decode")
-    size = (h.source_frames, h.source_height, h.source_width)
-    stream = StreamDecoder(loaded.model, size=size, groups_per_step=groups, tiling=tiling)
+    stream = StreamDecoder(loaded.model, size=h.source_size, groups_per_step=groups, tiling=tiling)
+    fmt = decode_format(h, output, options)
     rate, time_base = Fraction(h.frame_rate), Fraction(h.time_base)
     done = 0
-    with _writer(output, h.source_width, h.source_height, rate, time_base, options, data.audio) as writer:
+    with VideoWriter(
+        output, fmt, frame_rate=rate, time_base=time_base, quality=options.quality, audio=data.audio
+    ) as writer:
         for frames in _decoded(stream, data.latent):
             writer.write(frames, data.frame_pts[done : done + len(frames)].tolist())
             done += len(frames)
@@ -375,14 +394,16 @@ def reconstruct_video(
     decoder = StreamDecoder(loaded.model, groups_per_step=groups, tiling=tiling)
     metrics = Metrics(lpips_net=lpips) if measure else None
     waiting: deque[np.ndarray] = deque()  # source frames (integers) awaiting their reconstruction
+    chunks = src.chunks()
+    first = next(chunks)  # the first frames settle the rate to write at (see ``read_frames``)
     writer = src.writer(output, write_options or WriteOptions(), src.audio()) if output is not None else None
     info = src.info
     side = None
     if comparison:
-        side = ComparisonWriter(comparison, info.width, info.height, info.frame_rate, info.time_base)
+        side = ComparisonWriter(comparison, info.width, info.height, src.reader.frame_rate, info.time_base, info.colour)
     done = 0
     with writer or nullcontext(), side or nullcontext():
-        for frames, latent in src.chunks():
+        for frames, latent in itertools.chain([first], chunks):
             if frames is not None:
                 waiting.extend(frames)
             recon = _from_model(

@@ -16,6 +16,9 @@ latents made with it stay valid for the fine-tuned decoder.
 
 Phases (the KTC recipe: the 2D half is an image model first): ``image`` trains on single frames,
 which run only the first-step path of the model, cheaply; ``video`` trains on clips.
+
+``frame_cache`` keeps the decoded frames in a folder (``frame_cache()``), so that later runs, and a
+machine without PyAV, train without decoding: this module imports the video module only to decode.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +41,6 @@ from ivvae_cli.errors import InputError, IvvaeError, OutputError
 from ivvae_cli.metrics import ssim_torch
 from ivvae_cli.model import IVVAE, SPATIAL_STRIDE, TEMPORAL_STRIDE, Posterior
 from ivvae_cli.stream import decode_clip, encode_clip
-from ivvae_cli.video import probe, read_frames, resized, unit_float
 from ivvae_cli.weights import architecture, check_fit, latent_factors, read_checkpoint
 
 
@@ -67,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 250
     checkpoint_every: int = 250
+    frame_cache: str | None = None  # a folder of the decoded frames (frame_cache()); the same run without it
 
     def __post_init__(self) -> None:
         if self.phase not in ("image", "video"):
@@ -91,9 +97,11 @@ def saved_config(folder: Path) -> TrainConfig | None:
     return TrainConfig(**json.loads(path.read_text())) if path.exists() else None
 
 
-def run_config(folder: Path, new: TrainConfig | None, steps: int | None = None) -> TrainConfig:
+def run_config(
+    folder: Path, new: TrainConfig | None, steps: int | None = None, frame_cache: str | None = None
+) -> TrainConfig:
     """What runs in ``folder``: ``new``, refused over a run already there; or with ``new`` None, the
-    saved run resumed, its total ``steps`` grown if given."""
+    saved run resumed, its total ``steps`` grown and its ``frame_cache`` moved if given."""
     existing = saved_config(folder)
     if new is not None:
         if existing is not None:
@@ -102,6 +110,7 @@ def run_config(folder: Path, new: TrainConfig | None, steps: int | None = None) 
     if existing is None:
         raise InputError(f"nothing to resume in {folder}")
     existing.steps = steps or existing.steps
+    existing.frame_cache = frame_cache or existing.frame_cache
     return existing
 
 
@@ -112,18 +121,87 @@ def manifest_videos(manifest: Path, split: str) -> list[str]:
     return [str(manifest.parent / r["file"]) for r in rows if r["split"] == split]
 
 
-class FrameBank:
-    """Training videos, decoded once and held as uint8 at training resolution."""
+def decode_videos(paths: list[str], short_side: int, max_frames: int) -> list[np.ndarray]:
+    """Each video's first ``max_frames`` frames, resized to ``short_side`` (0: as they are) as
+    ``reconstruct --short-side`` resizes them: uint8 ``(T, H, W, 3)``."""
+    from ivvae_cli.video import probe, read_frames, resized, unit_float  # PyAV, here only
 
-    def __init__(self, paths: list[str], short_side: int, max_frames: int, min_frames: int):
-        self.videos: list[torch.Tensor] = []
-        for path in paths:
-            info = probe(path)
-            size = resized(info.width, info.height, short_side)
-            chunks = read_frames(path, max_frames=max_frames, chunk=16, size=size)
-            frames = torch.cat([torch.from_numpy(np.rint(unit_float(f) * 255).astype(np.uint8)) for f, _ in chunks])
-            if len(frames) >= min_frames:
-                self.videos.append(frames)
+    videos = []
+    for path in paths:
+        info = probe(path)
+        chunks = read_frames(path, max_frames=max_frames, chunk=16, size=resized(info.width, info.height, short_side))
+        videos.append(np.concatenate([np.rint(unit_float(f) * 255).astype(np.uint8) for f, _ in chunks]))
+    return videos
+
+
+FRAME_CACHE_FORMAT, FRAME_CACHE_VERSION = "ivvae-frame-cache", 1
+
+
+def frame_cache(folder: Path, paths: list[str], short_side: int, max_frames: int) -> list[np.ndarray]:
+    """``decode_videos(paths, short_side, max_frames)``, kept in ``folder``: ``index.json`` (format
+    version, settings, each source's path, bytes and frame count) and one ``.npy`` of frames per
+    video. Written whole or not at all the first time; read back memory-mapped, the first time as
+    every later one, without decoding. A cache of other settings or videos, or of a source that has
+    changed size since, is refused; a source absent here counts as cached (a cache may travel alone)."""
+    wanted = {
+        "format": FRAME_CACHE_FORMAT,
+        "format_version": FRAME_CACHE_VERSION,
+        "short_side": short_side,
+        "max_video_frames": max_frames,
+    }
+    if not (folder / "index.json").is_file():
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise OutputError(f"--frame-cache {folder} exists and is not a frame cache (no index.json)")
+        _write_frame_cache(folder, paths, wanted)
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        recorded, sources = {key: index.get(key) for key in wanted}, index["sources"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{folder / 'index.json'} is not a frame cache index ({e})") from None
+    if recorded != wanted:
+        differ = ", ".join(
+            f"{key} {recorded[key]} (this run: {wanted[key]})" for key in wanted if recorded[key] != wanted[key]
+        )
+        raise InputError(f"frame cache {folder} was made with {differ}; use another --frame-cache")
+    cached = [source["path"] for source in sources]
+    if cached != paths:
+        missing = [path for path in paths if path not in cached]
+        what = f"{missing[0]} is not in it" if missing else "it holds others too, or in another order"
+        raise InputError(f"frame cache {folder} was made for other videos ({what}); use another --frame-cache")
+    for source in sources:
+        path = Path(source["path"])
+        size = path.stat().st_size if path.is_file() else source["bytes"]
+        if size != source["bytes"]:
+            raise InputError(f"{path} has changed since {folder} cached it ({source['bytes']} bytes then, {size} now)")
+    return [np.load(folder / source["file"], mmap_mode="r") for source in sources]
+
+
+def _write_frame_cache(folder: Path, paths: list[str], index: dict) -> None:
+    """Decode one video at a time into a hidden folder beside ``folder``, renamed to it when complete."""
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    try:
+        partial.mkdir(parents=True)
+        index["sources"] = []
+        for i, path in enumerate(paths):
+            (frames,) = decode_videos([path], index["short_side"], index["max_video_frames"])
+            np.save(partial / f"{i:04d}.npy", frames)
+            index["sources"].append(
+                {"path": path, "bytes": Path(path).stat().st_size, "frames": len(frames), "file": f"{i:04d}.npy"}
+            )
+        (partial / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if folder.exists():
+            folder.rmdir()  # empty: checked
+        partial.replace(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+class FrameBank:
+    """Training videos held as uint8 at training resolution, and random clips of them."""
+
+    def __init__(self, videos: list[np.ndarray], min_frames: int):
+        self.videos = [torch.from_numpy(v) for v in videos if len(v) >= min_frames]
         if not self.videos:
             raise InputError(f"no training video has {min_frames} frames or more")
 
@@ -266,10 +344,10 @@ class Trainer:
                 init = widen(init, torch.Generator().manual_seed(config.seed))
             check_fit(self.model, init, config.init)
             self.model.load_state_dict(init)
-        frames = 1 if config.phase == "image" else config.clip_frames
-        self.frames = frames
-        self.bank = FrameBank(config.videos, config.short_side, config.max_video_frames, frames)
-        self.eval_clips = self._eval_clips()
+        self.frames = 1 if config.phase == "image" else config.clip_frames
+        videos, evals = self._videos()
+        self.bank = FrameBank(videos, self.frames)
+        self.eval_clips = self._eval_clips(evals)
         folder.mkdir(parents=True, exist_ok=True)  # only once everything above has worked
         (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         if self.step:
@@ -285,15 +363,37 @@ class Trainer:
         tmp.write_text("".join(line for line in lines if json.loads(line)["step"] <= self.step))
         tmp.replace(log)
 
-    def _eval_clips(self) -> list[torch.Tensor]:
-        if not self.config.eval_videos:
+    def _videos(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The training videos and the first clip of each eval video: decoded, or from the frame cache
+        (which holds the eval videos as it holds the others)."""
+        c = self.config
+        if c.frame_cache is None:
+            return (
+                decode_videos(c.videos, c.short_side, c.max_video_frames),
+                decode_videos(c.eval_videos, c.short_side, c.clip_frames),
+            )
+        cached = frame_cache(Path(c.frame_cache), [*c.videos, *c.eval_videos], c.short_side, c.max_video_frames)
+        n = len(c.videos)  # into memory: the training videos whole, the eval videos' first clip only
+        return [np.array(v) for v in cached[:n]], [np.array(v[: c.clip_frames]) for v in cached[n:]]
+
+    def _eval_clips(self, videos: list[np.ndarray]) -> list[torch.Tensor]:
+        if not videos:
             return []
-        bank = FrameBank(self.config.eval_videos, self.config.short_side, self.config.clip_frames, self.frames)
+        bank = FrameBank(videos, self.frames)
         rng = np.random.default_rng(12345)
         return [bank.sample(rng, 1, self.frames, self.config.crop).to(self.device) for _ in range(8)]
 
-    def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
+    def run(
+        self,
+        progress: Callable[[int, dict], None] | None = None,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> dict:
+        """Train to ``config.steps``, or with ``deadline`` (a ``clock()`` time) stop at the last
+        checkpoint that ends before it: after each checkpoint, go on only if the next one would,
+        at the mean time per step so far (the first is always reached). ``self.step`` tells which."""
         config, model = self.config, self.model
+        started, first = clock(), self.step
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and config.bf16)
         record: dict = {}
         model.train()
@@ -316,12 +416,18 @@ class Trainer:
                 model.eval()
                 record |= {f"eval_{k}": round(v, 4) for k, v in evaluate(model, self.eval_clips).items()}
                 model.train()
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            saved = self.step % config.checkpoint_every == 0 or self.step == config.steps
+            if saved:
                 self.save()
             with (self.folder / "log.jsonl").open("a") as log:
                 log.write(json.dumps(record) + "\n")
             if progress:
                 progress(self.step, record)
+            if saved and deadline is not None and self.step < config.steps:
+                now = clock()
+                following = min(config.steps, (self.step // config.checkpoint_every + 1) * config.checkpoint_every)
+                if now + (following - self.step) * (now - started) / (self.step - first) > deadline:
+                    break
         model.eval()
         return record
 

