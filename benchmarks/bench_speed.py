@@ -31,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ivvae_cli import IVVAE, decode, encode
+from ivvae_cli.model import VideoSize
 
 SCALE, SHIFT = 0.9697, -0.1553  # the published z16_dim64 factors
 
@@ -55,9 +56,16 @@ def inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
     """The video and the latent every path gets (seeded, so each process makes the same)."""
     generator = torch.Generator().manual_seed(1)
     video = torch.rand(1, 3, args.frames, args.size, args.size, generator=generator) * 2 - 1
-    latent_frames = 1 + (args.frames - 1) // 4
-    latent = torch.randn(1, args.z_dim, latent_frames, args.size // 8, args.size // 8, generator=generator)
+    latent = torch.randn(1, args.z_dim, *VideoSize(args.frames, args.size, args.size).latent(), generator=generator)
     return video, latent
+
+
+def add_clip_arguments(parser: argparse.ArgumentParser, frames: int) -> None:
+    """The model and clip a speed script measures: z16_dim64 on ``frames`` x 256 x 256 by default."""
+    parser.add_argument("--frames", type=int, default=frames)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--z-dim", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
 
 
 def our_model(args) -> IVVAE:
@@ -140,10 +148,7 @@ def count_flops(args) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--z-dim", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=64)
+    add_clip_arguments(parser, frames=17)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--groups-per-step", type=int, default=1, help="for the fast path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")

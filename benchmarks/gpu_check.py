@@ -67,7 +67,7 @@ from bench_speed import authors_model, inputs, our_model  # beside this file
 from ivvae_cli.cli import parse_size
 from ivvae_cli.dataset import ClipOptions, Columns, JobSpec, encode_dataset, prepare_folder, read_sources
 from ivvae_cli.metrics import PSNR_CAP
-from ivvae_cli.model import IVVAE, VideoSize
+from ivvae_cli.model import IVVAE, TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.pipeline import CUDA_MAX_GROUPS_PER_STEP, MemoryOptions, default_dtype, prepare_device
 from ivvae_cli.stream import StreamDecoder, Tiling, decode, encode, encode_clip
 from ivvae_cli.weights import BUNDLED, LoadedModel, load_model
@@ -527,7 +527,7 @@ def part_their_setting(cfg: Config, rec: Recorder, device: torch.device) -> None
     decoded = {}
     with torch.inference_mode():
         run, fields = ours(encode, "encode")
-        latent = call("ivvae", "encode", run, video, 1 + 4 * fields["groups"], **fields)
+        latent = call("ivvae", "encode", run, video, 1 + TEMPORAL_STRIDE * fields["groups"], **fields)
         run, fields = ours(decode, "decode")
         decoded["ivvae"] = call("ivvae", "decode", run, latent, 1 + fields["groups"], **fields).cpu()
         try:

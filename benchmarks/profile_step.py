@@ -15,11 +15,10 @@ import time
 from collections import defaultdict
 
 import torch
+from bench_speed import add_clip_arguments, inputs, our_model  # beside this file
 from torch.profiler import ProfilerActivity, profile
 
 from ivvae_cli import IVVAE, decode, encode
-
-SCALE, SHIFT = 0.9697, -0.1553  # the published z16_dim64 factors
 
 # aten op (self time) -> kind; ops not listed fall into "other".
 KINDS = {
@@ -58,20 +57,14 @@ def profile_direction(model: IVVAE, direction: str, x: torch.Tensor, top: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=9)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--z-dim", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=64)
+    add_clip_arguments(parser, frames=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest ops")
     parser.add_argument("--directions", default="encode,decode")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = IVVAE(args.z_dim, args.dim, SCALE, SHIFT).eval()
-    generator = torch.Generator().manual_seed(1)
-    video = torch.rand(1, 3, args.frames, args.size, args.size, generator=generator) * 2 - 1
-    latent = torch.randn(1, args.z_dim, 1 + (args.frames - 1) // 4, args.size // 8, args.size // 8, generator=generator)
+    model = our_model(args)
+    video, latent = inputs(args)
     results = {d: profile_direction(model, d, video if d == "encode" else latent, args.top)
                for d in args.directions.split(",")}  # fmt: skip
     kinds = [*KINDS, "other", "untraced"]

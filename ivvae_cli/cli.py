@@ -201,26 +201,20 @@ def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[
         yield lambda n: bar.advance(task, n)
 
 
-def _model_and_memory(
-    weights: Path | None,
-    model: str | None,
-    device: str,
-    dtype: str,
-    quiet: bool,
-    max_memory: str | None = None,
-    tile: int | None = None,
-    overlap: int | None = None,
-    groups_per_step: int | None = None,
-) -> tuple[LoadedModel, MemoryOptions]:
-    """The model, on its device and in its dtype, and the memory options: what every command that
-    runs the model takes alike. Says once which model it uses."""
-    torch_dtype = None if dtype == "auto" else _dtype(dtype)
+def _memory(max_memory: str | None, tile: int | None, overlap: int | None, groups: int | None) -> MemoryOptions:
+    """The memory options every command that runs the model takes alike, checked before any loading."""
     try:
         budget = parse_size(max_memory) if max_memory is not None else None
     except ValueError as e:
         raise IvvaeError(str(e)) from None
     if tile is not None and overlap is not None and overlap >= tile:
         raise IvvaeError(f"--tile-overlap ({overlap}) must be smaller than --tile-size ({tile})")
+    return MemoryOptions(budget, tile, overlap, groups)
+
+
+def _load(weights: Path | None, model: str | None, device: str, dtype: str, quiet: bool) -> LoadedModel:
+    """The model, on its device and in its dtype; says once which model it uses."""
+    torch_dtype = None if dtype == "auto" else _dtype(dtype)
     target = select_device(device)
     prepare_device(target)
     torch_dtype = torch_dtype or default_dtype(target)
@@ -230,7 +224,7 @@ def _model_and_memory(
         stderr.print(
             f"model {loaded.name} ({where}) on {target}, {str(torch_dtype).removeprefix('torch.')}", highlight=False
         )
-    return loaded, MemoryOptions(budget, tile, overlap, groups_per_step)
+    return loaded
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -308,12 +302,11 @@ def encode(
     with _errors(quiet):
         info = probe(_input_file(input))
         check_output(output, force)
-        loaded, memory = _model_and_memory(
-            weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
-        )
+        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
+        loaded = _load(weights, model, device, dtype, quiet)
         options = EncodeOptions(start, frames, duration, sample, seed, short_side, skip_errors)
         with _progress("encode", expected_frames(info, options), quiet) as progress:
-            data = encode_video(input, loaded, options, memory, progress)
+            data = encode_video(input, loaded, options, memory=memory, progress=progress)
         with atomic_output(output, force) as tmp:
             write_latent_file(tmp, data)
         h = data.header
@@ -368,20 +361,18 @@ def decode(
     with one model load."""
     with _errors(quiet):
         write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
+        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         if input.is_dir() or glob.has_magic(str(input)):
-            options = (weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step)
-            _decode_many(str(input), output, ext, options, write, force, quiet, json_path, strict)
+            model_options = (weights, model, device, dtype, quiet)
+            _decode_many(str(input), output, ext, model_options, memory, write, force, quiet, json_path, strict)
             return
         data = read_latent_file(input, strict=strict)
         check_output(output, force)
         _explain(decode_format(data.header, output, write), quiet)
-        loaded, memory = _model_and_memory(
-            weights, model or data.header.model, device, dtype, quiet, max_memory, tile_size, tile_overlap,
-            groups_per_step,
-        )  # fmt: skip
+        loaded = _load(weights, model or data.header.model, device, dtype, quiet)
         check_model_matches(data, loaded, str(input))
         with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
-            tiling = decode_latent(data, tmp, loaded, write, memory, progress)
+            tiling = decode_latent(data, tmp, loaded, write, memory=memory, progress=progress)
         if not quiet:
             stderr.print(f"wrote {output}", highlight=False)
         _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
@@ -393,6 +384,7 @@ def _decode_many(
     folder: Path,
     ext: str,
     model_options: tuple,
+    memory: MemoryOptions,
     write: WriteOptions,
     force: bool,
     quiet: bool,
@@ -412,7 +404,7 @@ def _decode_many(
         raise OutputError(f"{len(existing)} outputs exist, e.g. {existing[0]} (use --force to overwrite)")
     first = read_latent_header(files[0][0])
     weights, model, *rest = model_options
-    loaded, memory = _model_and_memory(weights, model or first.model, *rest)
+    loaded = _load(weights, model or first.model, *rest)
     folder.mkdir(exist_ok=True)
     failures, written = [], []
     with _progress(f"decode {len(files)} files", None, quiet) as progress:
@@ -422,7 +414,7 @@ def _decode_many(
                 check_model_matches(data, loaded, str(path))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_output(target, force) as tmp:
-                    decode_latent(data, tmp, loaded, write, memory, progress)
+                    decode_latent(data, tmp, loaded, write, memory=memory, progress=progress)
                 written.append(str(target))
             except IvvaeError as e:
                 failures.append({"input": str(path), "reason": str(e)})
@@ -476,9 +468,8 @@ def reconstruct(
             _explain(
                 write.format(output, *resized(info.width, info.height, short_side), info.colour, info.bit_depth), quiet
             )
-        loaded, memory = _model_and_memory(
-            weights, model, device, dtype, quiet, max_memory, tile_size, tile_overlap, groups_per_step
-        )
+        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
+        loaded = _load(weights, model, device, dtype, quiet)
         options = EncodeOptions(start, frames, duration, sample, seed, short_side, skip_errors)
         with (
             _progress("reconstruct", expected_frames(info, options), quiet) as progress,
@@ -486,7 +477,7 @@ def reconstruct(
             _maybe_atomic(compare_video, force) as side,
         ):
             result = reconstruct_video(
-                input, loaded, options, tmp, write, memory,
+                input, loaded, options, tmp, write_options=write, memory=memory,
                 measure=metrics, lpips=lpips_net, comparison=side, progress=progress,
             )  # fmt: skip
         h = result.header
@@ -866,9 +857,8 @@ def dataset_encode(
             return
         if device in ("auto", "cuda") and torch.cuda.is_available():
             device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
-        loaded, memory = _model_and_memory(
-            weights, model, device, dtype, not talk, max_memory, tile_size, tile_overlap, groups_per_step
-        )
+        memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
+        loaded = _load(weights, model, device, dtype, not talk)
         where = source if glob.has_magic(source) else str(Path(source).absolute())
         spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint)
         dataset.prepare_folder(out, spec, overwrite)

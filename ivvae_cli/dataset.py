@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
 from ivvae_cli.latent_file import LatentFile, LatentHeader, read_latent_header, write_latent_file
-from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
+from ivvae_cli.model import SPATIAL_STRIDE, TEMPORAL_STRIDE, VideoSize
 from ivvae_cli.outputs import atomic_output, remove_stale_partials
 from ivvae_cli.pipeline import MemoryOptions
 from ivvae_cli.stream import StreamEncoder
@@ -267,8 +267,8 @@ class ClipOptions:
         if self.buckets and self.short_side is not None:
             raise IvvaeError("give --buckets or --short-side, not both")
         for width, height in self.buckets:
-            if width <= 0 or height <= 0 or width % 8 or height % 8:
-                raise IvvaeError(f"bucket {width}x{height}: sides must be positive multiples of 8")
+            if width <= 0 or height <= 0 or width % SPATIAL_STRIDE or height % SPATIAL_STRIDE:
+                raise IvvaeError(f"bucket {width}x{height}: sides must be positive multiples of {SPATIAL_STRIDE}")
         if self.posterior not in POSTERIORS:
             raise IvvaeError(f"--posterior is {', '.join(POSTERIORS)}; not '{self.posterior}'")
 

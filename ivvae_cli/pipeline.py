@@ -163,10 +163,11 @@ class WriteOptions:
     def format(self, path: Path, width: int, height: int, colour: Colour, source_depth: int) -> OutputFormat:
         """How a ``width`` x ``height`` video from a source with ``colour`` and ``source_depth`` bits
         will be written to ``path``."""
-        return output_format(
+        fmt = output_format(
             path, width, height, codec=self.codec, lossless=self.lossless, colour=colour, source_depth=source_depth,
             bit_depth=self.bit_depth, chroma=self.chroma,
         )  # fmt: skip
+        return replace(fmt, crf=self.quality)
 
 
 def _frame_limit(info: VideoInfo, options: EncodeOptions) -> int | None:
@@ -280,15 +281,14 @@ class _Source:
         """A writer at the reader's rate: call it once the first frames are read, which settle it."""
         info = self.info
         fmt = options.format(path, info.width, info.height, info.colour, info.bit_depth)
-        return VideoWriter(
-            path, fmt, frame_rate=self.reader.frame_rate, time_base=info.time_base, quality=options.quality, audio=audio
-        )
+        return VideoWriter(path, fmt, frame_rate=self.reader.frame_rate, time_base=info.time_base, audio=audio)
 
 
 def encode_video(
     source: Path,
     loaded: LoadedModel,
     options: EncodeOptions,
+    *,
     memory: MemoryOptions | None = None,
     progress: Progress | None = None,
 ) -> LatentFile:
@@ -333,6 +333,7 @@ def decode_latent(
     output: Path,
     loaded: LoadedModel,
     options: WriteOptions,
+    *,
     memory: MemoryOptions | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -345,9 +346,7 @@ def decode_latent(
     fmt = decode_format(h, output, options)
     rate, time_base = Fraction(h.frame_rate), Fraction(h.time_base)
     done = 0
-    with VideoWriter(
-        output, fmt, frame_rate=rate, time_base=time_base, quality=options.quality, audio=data.audio
-    ) as writer:
+    with VideoWriter(output, fmt, frame_rate=rate, time_base=time_base, audio=data.audio) as writer:
         for frames in _decoded(stream, data.latent):
             writer.write(frames, data.frame_pts[done : done + len(frames)].tolist())
             done += len(frames)
@@ -375,9 +374,9 @@ def reconstruct_video(
     loaded: LoadedModel,
     options: EncodeOptions,
     output: Path | None = None,
+    *,
     write_options: WriteOptions | None = None,
     memory: MemoryOptions | None = None,
-    *,
     measure: bool = True,
     lpips: torch.nn.Module | None = None,
     comparison: Path | None = None,

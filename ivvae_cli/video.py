@@ -490,6 +490,7 @@ class OutputFormat:
     coded_width: int  # the picture padded to even sides for 4:2:0, else the same
     coded_height: int
     notes: tuple[str, ...] = ()
+    crf: int = 18  # the constant rate factor of lossy codecs (RGB H.264 is lossless at 0)
 
     @property
     def comment(self) -> str | None:
@@ -576,17 +577,10 @@ def _pix_fmt(codec: str, depth: int, layout: str) -> str | None:
 
 class VideoWriter:
     """Write float RGB frames in [0, 1] to a video file as ``fmt`` says (``output_format``), with
-    timestamps and optional audio; lossy codecs at CRF ``quality``."""
+    timestamps and optional audio."""
 
     def __init__(
-        self,
-        path: Path,
-        fmt: OutputFormat,
-        *,
-        frame_rate: Fraction,
-        time_base: Fraction,
-        quality: int = 18,
-        audio: bytes | None = None,
+        self, path: Path, fmt: OutputFormat, frame_rate: Fraction, time_base: Fraction, audio: bytes | None = None
     ):
         self.fmt = fmt
         self.source_time_base = time_base
@@ -610,7 +604,7 @@ class VideoWriter:
         if fmt.codec == "libx264rgb":
             self.stream.options = {"crf": "0"}
         elif fmt.codec != "ffv1":
-            self.stream.options = {"crf": str(quality)} | QUIET_OPTIONS.get(fmt.codec, {})
+            self.stream.options = {"crf": str(fmt.crf)} | QUIET_OPTIONS.get(fmt.codec, {})
         if fmt.comment:
             self.container.metadata["comment"] = fmt.comment
         self.to_output = self._converter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_written_colours_read_back_as_meant(tmp_path, size, declared, depth):
         path, width, height, codec="ffv1" if depth > 8 else None, colour=DECLARED[declared], source_depth=depth,
         chroma="420",
     )  # fmt: skip
-    with VideoWriter(path, fmt, frame_rate=Fraction(25), time_base=Fraction(1, 25), quality=0) as writer:
+    with VideoWriter(path, replace(fmt, crf=0), frame_rate=Fraction(25), time_base=Fraction(1, 25)) as writer:
         writer.write(image[None], [0])
     tags = ffmpeg_colour(path)
     assert tags == {"pix_fmt": "yuv420p" if depth == 8 else "yuv420p10le", **expected_tags(DECLARED[declared], height)}
