@@ -647,7 +647,7 @@ def demo(
 ) -> None:
     """The main job on the sample clip shipped in the package (needs nothing else): reconstruct it with
     the default model, write the reconstruction, a side-by-side comparison and metrics.json into
-    FOLDER, and print what was lost. The defaults take about a minute on two CPU cores."""
+    FOLDER, and print what was lost. The defaults take about 15 seconds on two CPU cores."""
     with _errors():
         if folder.exists() and not folder.is_dir():
             raise OutputError(f"not a folder: {folder}")
