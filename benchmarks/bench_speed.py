@@ -56,7 +56,8 @@ def inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
     """The video and the latent every path gets (seeded, so each process makes the same)."""
     generator = torch.Generator().manual_seed(1)
     video = torch.rand(1, 3, args.frames, args.size, args.size, generator=generator) * 2 - 1
-    latent = torch.randn(1, args.z_dim, *VideoSize(args.frames, args.size, args.size).latent(), generator=generator)
+    size = VideoSize(args.frames, args.size, args.size).latent()
+    latent = torch.randn(1, args.z_dim, size.frames, size.height, size.width, generator=generator)
     return video, latent
 
 
