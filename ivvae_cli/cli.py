@@ -869,8 +869,8 @@ def dataset_encode(
         report = {
             "rank": world.rank, "world_size": world.size, "sources": tally.sources, "clips_written": tally.written,
             "clips_existing": tally.existing, "sources_skipped": tally.skipped, "sources_failed": tally.failed,
-            "seconds": round(tally.seconds, 2), "clips_per_s": round(tally.written / max(tally.seconds, 1e-9), 3),
-            "model_busy": round(tally.model_seconds / max(tally.seconds, 1e-9), 3), "index": merged,
+            "seconds": round(tally.seconds, 2), "clips_per_s": round(tally.clips_per_s, 3),
+            "model_busy": round(tally.model_busy, 3), "index": merged,
         }  # fmt: skip
         if not quiet:
             stderr.print(_dataset_line(world, tally), highlight=False)
@@ -915,12 +915,10 @@ def _fraction(text: str | None, option: str) -> Fraction | None:
 
 
 def _dataset_line(world, tally) -> str:
-    rate = tally.written / max(tally.seconds, 1e-9)
-    busy = tally.model_seconds / max(tally.seconds, 1e-9)
     return (
         f"[{world}] {tally.done}/{tally.sources} sources: {tally.written} clips written, {tally.existing} "
-        f"already there, {tally.skipped} sources too short, {tally.failed} failed; {rate:.2f} clips/s, "
-        f"model busy {busy:.0%}"
+        f"already there, {tally.skipped} sources too short, {tally.failed} failed; {tally.clips_per_s:.2f} clips/s, "
+        f"model busy {tally.model_busy:.0%}"
     )
 
 
@@ -944,9 +942,8 @@ def _dataset_progress(world, total: int, bar: bool, log_every: float) -> Iterato
         task = progress.add_task(f"encode {world}" if world.size > 1 else "encode", total=total, status="")
 
         def update(tally) -> None:
-            rate = tally.written / max(tally.seconds, 1e-9)
-            status = f"{tally.written} clips ({rate:.2f}/s), {tally.existing} there, {tally.skipped} short, "
-            progress.update(task, completed=tally.done, status=f"{status}{tally.failed} failed")
+            status = f"{tally.written} clips ({tally.clips_per_s:.2f}/s), {tally.existing} there, "
+            progress.update(task, completed=tally.done, status=f"{status}{tally.skipped} short, {tally.failed} failed")
             log(tally)
 
         yield update

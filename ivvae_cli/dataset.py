@@ -37,11 +37,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ivvae_cli.colour import Colour
 from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
-from ivvae_cli.latent_file import LatentFile, LatentHeader, read_latent_header, write_latent_file
+from ivvae_cli.latent_file import (
+    LatentFile,
+    LatentHeader,
+    glob_root,
+    read_latent_file,
+    read_latent_header,
+    write_latent_file,
+)
 from ivvae_cli.model import SPATIAL_STRIDE, TEMPORAL_STRIDE, VideoSize
-from ivvae_cli.outputs import atomic_output, remove_stale_partials
-from ivvae_cli.pipeline import MemoryOptions
+from ivvae_cli.outputs import atomic_output
+from ivvae_cli.pipeline import MemoryOptions, encoded_fields
 from ivvae_cli.stream import StreamEncoder
 from ivvae_cli.video import VideoInfo, probe, read_frames, resized
 from ivvae_cli.weights import LoadedModel
@@ -145,8 +153,7 @@ def read_sources(spec: str | Path, columns: Columns | None = None) -> list[Sourc
         rows = _manifest_rows(path)
         sources = [_manifest_source(row, i, path, columns) for i, row in enumerate(rows)]
     elif glob.has_magic(text):
-        root = Path(text.split("*")[0].split("?")[0].split("[")[0] or ".")
-        root = root if root.is_dir() else root.parent
+        root = glob_root(text)
         sources = [_plain_source(Path(p), root) for p in sorted(glob.glob(text, recursive=True)) if _is_video(Path(p))]
     else:
         raise InputError(f"input not found: {spec}")
@@ -273,8 +280,7 @@ class ClipOptions:
             raise IvvaeError(f"--posterior is {', '.join(POSTERIORS)}; not '{self.posterior}'")
 
     def fingerprint(self) -> str:
-        record = asdict(self) | {"target_fps": None if self.target_fps is None else str(self.target_fps)}
-        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -438,9 +444,7 @@ def _write_json(path: Path, value: Any, owned: bool = True) -> None:
     """Atomically, creating the folder; an existing file is replaced. ``owned``: no other process
     writes it in this run, so what a killed one left of it can go."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if owned:
-        remove_stale_partials(path)
-    with atomic_output(path, force=True) as tmp:
+    with atomic_output(path, force=True, sole_writer=owned) as tmp:
         tmp.write_text(json.dumps(value, default=str) + "\n")
 
 
@@ -588,13 +592,18 @@ class _ClipReader(IterableDataset):
             info = probe(source.path)
             geometry = Geometry.plan(info.width, info.height, self.options)
             rate = self.options.target_fps or Fraction(info.frame_rate)
+            about = {  # what every piece of this source carries
+                "rate": str(rate), "time_base": str(info.time_base), "geometry": asdict(geometry),
+                "source_size": [info.width, info.height], "colour": asdict(info.colour), "bit_depth": info.bit_depth,
+            }  # fmt: skip
             skip: str | None = None
             for start, end, frames, pts, last in clip_pieces(source, self.options, info):
                 name = clip_name(source, self.options, start, end)
                 if name != skip and name != done:
-                    skip = name if self._written(source, name) else None
+                    header = self._existing(source, name)
+                    skip = name if header is not None else None
                     if skip is not None:
-                        yield {"kind": "exists", "source": index, "name": name}
+                        yield {"kind": "exists", "source": index, "name": name, "header": header}
                 if name == skip:
                     clips += last
                     continue
@@ -604,9 +613,7 @@ class _ClipReader(IterableDataset):
                     "kind": "piece", "source": index, "name": name, "start": start,
                     "frames": torch.from_numpy(frames if frames.dtype == np.uint8 else frames.astype(np.int32)),
                     "scale": float(np.iinfo(frames.dtype).max), "pts": torch.tensor(pts, dtype=torch.int64),
-                    "last": last, "rate": str(rate), "time_base": str(info.time_base),
-                    "geometry": asdict(geometry), "source_size": [info.width, info.height],
-                    "colour": asdict(info.colour), "bit_depth": info.bit_depth,
+                    "last": last, **about,
                 }  # fmt: skip
         except IvvaeError as e:
             yield {"kind": "failed", "source": index, "stage": "decode", "reason": str(e)}
@@ -621,16 +628,18 @@ class _ClipReader(IterableDataset):
         said = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, IvvaeWarning)))
         yield {"kind": "end", "source": index, "skipped": short, "warnings": said}
 
-    def _written(self, source: Source, name: str) -> bool:
-        """Whether an earlier run wrote this clip with the same settings (a resumed job)."""
+    def _existing(self, source: Source, name: str) -> LatentHeader | None:
+        """The header of this clip's latent if an earlier run wrote it with the same settings (a
+        resumed job)."""
         path = self.layout.latent(source, name)
         if not path.is_file():
-            return False
+            return None
         try:
-            clip = read_latent_header(path).clip
+            header = read_latent_header(path)
         except IvvaeError:
-            return False
-        return isinstance(clip, dict) and clip.get("job") == self.fingerprint
+            return None
+        clip = header.clip
+        return header if isinstance(clip, dict) and clip.get("job") == self.fingerprint else None
 
 
 # -- encoding, in the model's process --------------------------------------------------------------
@@ -653,11 +662,21 @@ class Tally:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
+    @property
+    def clips_per_s(self) -> float:
+        return self.written / max(self.seconds, 1e-9)
+
+    @property
+    def model_busy(self) -> float:
+        """The share of the wall time spent in the model."""
+        return self.model_seconds / max(self.seconds, 1e-9)
+
 
 @dataclass
 class _OpenStream:
     stream: StreamEncoder
     started: float
+    seed: int | None  # with --posterior sample: the clip's noise seed
     parts: list = field(default_factory=list)
     pts: list[int] = field(default_factory=list)
 
@@ -694,10 +713,9 @@ def encode_dataset(
             tally.done += 1
             tally.skipped += record.get("skipped") is not None
     job = _Job(sources, layout, loaded, spec, memory or MemoryOptions(), max(1, workers), tally)
-    device = next(loaded.model.parameters()).device
     loader = DataLoader(
         _ClipReader(todo, spec.options, layout, spec.fingerprint), batch_size=None, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker,
+        pin_memory=job.device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker,
     )  # fmt: skip
     with _StopOnSigterm(), torch.inference_mode():
         for message in loader if todo else ():
@@ -717,8 +735,7 @@ class _Job:
         self.open: dict[tuple[int, str], _OpenStream] = {}
         self.rows: dict[int, list[dict]] = {}
         self.failed: set[int] = set()
-        param = next(loaded.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = next(loaded.model.parameters()).device
 
     def take(self, message: dict[str, Any]) -> None:
         index, kind = message["source"], message["kind"]
@@ -732,7 +749,7 @@ class _Job:
                 self._piece(index, source, message)
             elif kind == "exists":
                 path = self.layout.latent(source, message["name"])
-                self.rows.setdefault(index, []).append(_row(source, read_latent_header(path), path, self.layout))
+                self.rows.setdefault(index, []).append(_row(source, message["header"], path, self.layout))
                 self.tally.existing += 1
             elif kind == "end":
                 rows = self.rows.pop(index, [])
@@ -783,8 +800,7 @@ class _Job:
         header = self._header(source, message, opened, time.perf_counter() - opened.started)
         path = self.layout.latent(source, message["name"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(path)
-        with atomic_output(path, force=True) as tmp:
+        with atomic_output(path, force=True, sole_writer=True) as tmp:
             pts = np.asarray(opened.pts, dtype=np.int64)
             write_latent_file(tmp, LatentFile(header, latent, pts - pts[0], None, logvar))
         self.rows.setdefault(index, []).append(_row(source, header, path, self.layout))
@@ -795,30 +811,23 @@ class _Job:
         padded = VideoSize(1, crop[3], crop[2]).padded()
         groups, tiling = self.memory.plan(self.loaded, padded.height, padded.width, "encode", share=1 / self.streams)
         options = self.spec.options
-        generator = None
-        if options.posterior == "sample":
-            generator = torch.Generator(self.device).manual_seed(clip_seed(options.seed, source, message["start"]))
+        seed = clip_seed(options.seed, source, message["start"]) if options.posterior == "sample" else None
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         stream = StreamEncoder(
             self.loaded.model, sample=options.posterior == "sample", generator=generator,
             groups_per_step=groups, tiling=tiling, with_logvar=options.posterior == "both",
         )  # fmt: skip
-        return _OpenStream(stream, time.perf_counter())
+        return _OpenStream(stream, time.perf_counter(), seed)
 
     def _header(self, source: Source, message: dict[str, Any], opened: _OpenStream, seconds: float) -> LatentHeader:
-        model, options, size = self.loaded.model, self.spec.options, opened.stream.size
-        padded, geometry = size.padded(), message["geometry"]
+        options, size, geometry = self.spec.options, opened.stream.size, message["geometry"]
         time_base = Fraction(message["time_base"])
         bucket = geometry["bucket"]
+        colour = Colour(**message["colour"])
         return LatentHeader(
-            model=self.loaded.name, z_dim=model.z_dim, dim=model.dim, scale_factor=model.scale_factor,
-            shift_factor=model.shift_factor, weights_fingerprint=self.loaded.fingerprint,
-            source_name=source.path.name, source_frames=size.frames, source_height=size.height,
-            source_width=size.width, frame_rate=message["rate"], time_base=str(time_base),
-            start_time=float(opened.pts[0] * time_base), padded_frames=padded.frames, padded_height=padded.height,
-            padded_width=padded.width, dtype=str(self.dtype).removeprefix("torch."), posterior=options.posterior,
-            seed=clip_seed(options.seed, source, message["start"]) if options.posterior == "sample" else None,
-            tiling=opened.stream.tiling.describe(padded.latent()),
-            **{f"colour_{key}": value for key, value in message["colour"].items()}, bit_depth=message["bit_depth"],
+            **encoded_fields(self.loaded, opened.stream, colour, message["bit_depth"]),
+            source_name=source.path.name, frame_rate=message["rate"], time_base=str(time_base),
+            start_time=float(opened.pts[0] * time_base), posterior=options.posterior, seed=opened.seed,
             clip={
                 "source": source.key, "id": source.id, "start_frame": message["start"],
                 "end_frame": message["start"] + size.frames if options.mode != "full" else None,
@@ -900,8 +909,6 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from ivvae_cli.latent_file import read_latent_file
-
         row = self.rows[i]
         data = read_latent_file(self.folder / row["latent"])
         item = {"latent": data.latent[0], "metadata": row}

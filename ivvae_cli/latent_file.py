@@ -507,6 +507,12 @@ def describe_latent_file(path: Path) -> dict:
     }
 
 
+def glob_root(pattern: str) -> Path:
+    """The folder a glob pattern's fixed part names, that matches are taken relative to."""
+    fixed = Path(pattern.split("*")[0].split("?")[0].split("[")[0] or ".")
+    return fixed if fixed.is_dir() else fixed.parent
+
+
 def find_latent_files(spec: str | Path) -> list[tuple[Path, Path]]:
     """The latent files (``*.latent``, ``*.safetensors``) under a folder, recursively, or matching a
     glob pattern: ``(path, path relative to the folder or the pattern's fixed part)``, sorted."""
@@ -515,7 +521,6 @@ def find_latent_files(spec: str | Path) -> list[tuple[Path, Path]]:
         root = Path(text)
         paths = [p for p in root.rglob("*") if p.suffix in (".latent", ".safetensors") and p.is_file()]
     else:
-        fixed = Path(text.split("*")[0].split("?")[0].split("[")[0] or ".")
-        root = fixed if fixed.is_dir() else fixed.parent
+        root = glob_root(text)
         paths = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
     return sorted((p, p.relative_to(root)) for p in paths)

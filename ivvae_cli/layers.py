@@ -108,7 +108,7 @@ class GroupCausalConv3d(nn.Conv3d):
             y = current + torch.cat([first, previous[:, :-1]], dim=1)
             if following is None:
                 return y
-            in_group = torch.tensor([i % group != 0 for i in range(1, t)], device=current.device)
+            in_group = torch.arange(1, t, device=current.device) % group != 0
             return y + F.pad(following * in_group.view(1, t - 1, 1, 1, 1), (0, 0, 0, 0, 0, 0, 0, 1))
         current[:, :1] += first
         current[:, 1:] += previous[:, :-1]
@@ -193,7 +193,8 @@ class FrameConv2d(nn.Module):
         padding = dilation * (kernel_size // 2)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        """``cache``: taken, and unused, so that blocks call either kind of convolution alike."""
         return frame_conv(self.conv, x)
 
 
@@ -229,7 +230,7 @@ class SplitRMSNorm(nn.Module):
 
 
 class RMSNorm2d(nn.Module):
-    """RMS norm over the channels of ``(N, C, H, W)`` images."""
+    """RMS norm over the channels of pixel rows ``(..., C)``."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -312,11 +313,7 @@ class FrameResidualBlock(nn.Module):
         )
         self.shortcut = FrameConv2d(2 * in_half, 2 * out_half, 1) if in_half != out_half else None
 
-    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        norm_in, _, conv_in, norm_out, _, _, conv_out = self.residual
-        skip = x if self.shortcut is None else self.shortcut(x)
-        y = conv_in(norm_in.silu(x))
-        return add_skip(conv_out(norm_out.silu(y, inplace=True)), skip)
+    forward = KTCResidualBlock.forward
 
 
 class KTCDownsample(nn.Module):

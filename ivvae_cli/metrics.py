@@ -268,7 +268,7 @@ def compare_videos(
     with side as writer:
         # Both readers yield chunks of the same length, so chunks pair up frame for frame.
         for chunk_a, chunk_b in zip_longest(
-            read_frames(a, max_frames=max_frames), read_frames(b, max_frames=max_frames)
+            read_frames(a, max_frames=max_frames, info=info_a), read_frames(b, max_frames=max_frames, info=info_b)
         ):
             counts["a"] += len(chunk_a[0]) if chunk_a else 0
             counts["b"] += len(chunk_b[0]) if chunk_b else 0

@@ -21,24 +21,17 @@ def check_output(path: Path, force: bool) -> None:
         raise OutputError(f"output folder does not exist: {path.parent}")
 
 
-def _partial(path: Path, pid: int | str) -> Path:
-    return path.with_name(f".{path.stem}.partial-{pid}{path.suffix}")
-
-
-def remove_stale_partials(path: Path) -> None:
-    """Remove what killed processes left while writing ``path`` (for outputs only one process
-    writes at a time: another's temporary file may be in progress otherwise)."""
-    mine = _partial(path, os.getpid())
-    for leftover in path.parent.glob(_partial(path, "*").name):
-        if leftover != mine:
-            leftover.unlink(missing_ok=True)
-
-
 @contextmanager
-def atomic_output(path: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary path with the same extension; rename it to ``path`` on success."""
+def atomic_output(path: Path, force: bool, *, sole_writer: bool = False) -> Iterator[Path]:
+    """Yield a temporary path with the same extension; rename it to ``path`` on success.
+
+    ``sole_writer``: no other process writes ``path`` meanwhile, so the temporary's name is fixed
+    and what a killed writer left of it is overwritten and renamed away by the next write (no scan
+    of the folder, which a dataset of a million clips cannot afford). Otherwise the name carries
+    the process id, so that processes writing the same path do not meet."""
     check_output(path, force)
-    temporary = _partial(path, os.getpid())
+    tag = "" if sole_writer else f"-{os.getpid()}"
+    temporary = path.with_name(f".{path.stem}.partial{tag}{path.suffix}")
     try:
         yield temporary
         os.replace(temporary, path)

@@ -198,6 +198,23 @@ def _from_model(video: torch.Tensor) -> np.ndarray:
     return frames.clamp_(-1, 1).add_(1).mul_(0.5).permute(1, 2, 3, 0).numpy()
 
 
+def encoded_fields(loaded: LoadedModel, stream: StreamEncoder, colour: Colour, bit_depth: int) -> dict:
+    """The latent header's fields that the model, the stream that encoded and the source's colour
+    decide: the same for ``encode`` and for a dataset's clips."""
+    model, size = loaded.model, stream.size
+    padded = size.padded()
+    return {
+        "model": loaded.name, "z_dim": model.z_dim, "dim": model.dim, "scale_factor": model.scale_factor,
+        "shift_factor": model.shift_factor, "weights_fingerprint": loaded.fingerprint,
+        "source_frames": size.frames, "source_height": size.height, "source_width": size.width,
+        "padded_frames": padded.frames, "padded_height": padded.height, "padded_width": padded.width,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "tiling": stream.tiling.describe(padded.latent()), "colour_matrix": colour.matrix,
+        "colour_primaries": colour.primaries, "colour_transfer": colour.transfer, "colour_range": colour.range,
+        "bit_depth": bit_depth,
+    }  # fmt: skip
+
+
 class _Source:
     """Streams a video file into a ``StreamEncoder`` and records what the latent file needs."""
 
@@ -225,8 +242,9 @@ class _Source:
         chunk = TEMPORAL_STRIDE * self.groups
         size = (self.info.width, self.info.height)
         self.reader = read_frames(
-            path, start=options.start, max_frames=self.limit, chunk=chunk, size=size, skip_errors=options.skip_errors
-        )
+            path, start=options.start, max_frames=self.limit, chunk=chunk, size=size, skip_errors=options.skip_errors,
+            info=info,
+        )  # fmt: skip
 
     def chunks(self):
         """Yield ``(frames, latent part)`` as frames are read and encoded."""
@@ -236,35 +254,14 @@ class _Source:
         yield None, self.stream.finish()
 
     def header(self) -> LatentHeader:
-        model = self.loaded.model
-        size = self.stream.size
-        padded = size.padded()
         return LatentHeader(
-            model=self.loaded.name,
-            z_dim=model.z_dim,
-            dim=model.dim,
-            scale_factor=model.scale_factor,
-            shift_factor=model.shift_factor,
-            weights_fingerprint=self.loaded.fingerprint,
+            **encoded_fields(self.loaded, self.stream, self.info.colour, self.info.bit_depth),
             source_name=self.path.name,
-            source_frames=size.frames,
-            source_height=size.height,
-            source_width=size.width,
             frame_rate=str(self.reader.frame_rate),
             time_base=str(self.info.time_base),
             start_time=self.options.start,
-            padded_frames=padded.frames,
-            padded_height=padded.height,
-            padded_width=padded.width,
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             posterior="sample" if self.options.sample else "mean",
             seed=self.seed if self.options.sample else None,
-            tiling=self.tiling.describe(padded.latent()),
-            colour_matrix=self.info.colour.matrix,
-            colour_primaries=self.info.colour.primaries,
-            colour_transfer=self.info.colour.transfer,
-            colour_range=self.info.colour.range,
-            bit_depth=self.info.bit_depth,
         )
 
     def relative_pts(self) -> np.ndarray:

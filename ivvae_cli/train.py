@@ -129,7 +129,8 @@ def decode_videos(paths: list[str], short_side: int, max_frames: int) -> list[np
     videos = []
     for path in paths:
         info = probe(path)
-        chunks = read_frames(path, max_frames=max_frames, chunk=16, size=resized(info.width, info.height, short_side))
+        size = resized(info.width, info.height, short_side)
+        chunks = read_frames(path, max_frames=max_frames, chunk=16, size=size, info=info)
         videos.append(np.concatenate([np.rint(unit_float(f) * 255).astype(np.uint8) for f, _ in chunks]))
     return videos
 
@@ -176,12 +177,12 @@ def frame_cache(folder: Path, paths: list[str], short_side: int, max_frames: int
     return [np.load(folder / source["file"], mmap_mode="r") for source in sources]
 
 
-def _write_frame_cache(folder: Path, paths: list[str], index: dict) -> None:
+def _write_frame_cache(folder: Path, paths: list[str], settings: dict) -> None:
     """Decode one video at a time into a hidden folder beside ``folder``, renamed to it when complete."""
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    index = {**settings, "sources": []}
     try:
         partial.mkdir(parents=True)
-        index["sources"] = []
         for i, path in enumerate(paths):
             (frames,) = decode_videos([path], index["short_side"], index["max_video_frames"])
             np.save(partial / f"{i:04d}.npy", frames)

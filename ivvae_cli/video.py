@@ -83,7 +83,7 @@ def _open(path: Path) -> Iterator[av.container.InputContainer]:
         raise InputError(f"input is not a file: {path}")
     try:
         container = av.open(str(path))
-    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+    except (*DECODE_ERRORS, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not a video ffmpeg can read ({_reason(e)})") from None
     except PermissionError:
         raise InputError(f"no permission to read {path}") from None
@@ -586,11 +586,11 @@ class VideoWriter:
         self.source_time_base = time_base
         try:
             self.container = av.open(str(path), "w", format=_format_for(path.suffix.lower()))
-        except (av.FFmpegError, ValueError) as e:
+        except DECODE_ERRORS as e:
             raise OutputError(f"cannot write {path}: {e}") from None
         try:
             self.stream = self.container.add_stream(fmt.codec, rate=frame_rate)
-        except (av.FFmpegError, ValueError) as e:
+        except DECODE_ERRORS as e:
             self.container.close()
             raise OutputError(f"cannot encode {fmt.codec} into {path.name}: {e}") from None
         self.stream.width, self.stream.height = fmt.coded_width, fmt.coded_height
@@ -616,6 +616,7 @@ class VideoWriter:
             raise OutputError(
                 f"cannot encode {fmt.codec} at {float(frame_rate):.6g} fps into {path.name}: {_reason(e)}"
             ) from None
+        self.max_step = MAX_GAP * self.stream.time_base / self.time_base  # in ticks of self.time_base
 
     def _converter(self) -> av.filter.Graph:
         """RGB -> the output's pixel format with its matrix and range, by libavfilter's ``scale``."""
@@ -636,9 +637,10 @@ class VideoWriter:
         deep = fmt.bit_depth > 8
         peak = 65535 if deep else 255
         pad = ((0, fmt.coded_height - fmt.height), (0, fmt.coded_width - fmt.width), (0, 0))
+        padded = (fmt.coded_width, fmt.coded_height) != (fmt.width, fmt.height)
         for image, stamp in zip(frames, pts, strict=True):
             rgb = np.clip(np.rint(image * np.float32(peak)), 0, peak).astype(np.uint16 if deep else np.uint8)
-            if any(after for _, after in pad):
+            if padded:
                 rgb = np.pad(rgb, pad, mode="edge")
             previous = self.last_pts
             self.last_pts = max(self.last_pts + 1, round(stamp * self.source_time_base / self.time_base))
@@ -647,8 +649,8 @@ class VideoWriter:
             self.to_output.push(frame)
             frame = self.to_output.pull()
             frame.pts, frame.time_base, frame.duration = self.last_pts, self.time_base, TICKS_PER_FRAME
-            seconds = float(stamp * self.source_time_base)
-            if previous >= 0 and (self.last_pts - previous) * self.time_base >= MAX_GAP * self.stream.time_base:
+            if previous >= 0 and self.last_pts - previous >= self.max_step:
+                seconds = float(stamp * self.source_time_base)
                 raise OutputError(
                     f"cannot write the frame at {seconds:.6g} s {self._into()}: it comes "
                     f"{float((self.last_pts - previous) * self.time_base):.6g} s after the one before, "
@@ -657,6 +659,7 @@ class VideoWriter:
             try:
                 self.container.mux(self.stream.encode(frame))
             except DECODE_ERRORS as e:
+                seconds = float(stamp * self.source_time_base)
                 raise OutputError(f"cannot write the frame at {seconds:.6g} s {self._into()}: {_reason(e)}") from None
 
     def __enter__(self) -> VideoWriter:
