@@ -33,7 +33,7 @@ from ivvae_cli.latent_file import (
     write_latent_file,
 )
 from ivvae_cli.metrics import ERROR_GAIN, Metrics, compare_videos, plot_per_frame
-from ivvae_cli.outputs import atomic_output, check_output
+from ivvae_cli.outputs import atomic_output, check_output, place_under
 from ivvae_cli.pipeline import (
     EncodeOptions,
     MemoryOptions,
@@ -392,13 +392,30 @@ def _decode_many(
     strict: bool,
 ) -> None:
     """Every latent file of a folder or glob into ``folder``, mirroring their paths; a file that
-    fails is reported and the rest go on."""
+    fails, or whose mirrored path cannot be placed safely under ``folder``, is reported and the rest
+    go on."""
     files = find_latent_files(spec)
     if not files:
         raise InputError(f"no latent files in {spec}")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"with many latent files the output is a folder: {folder} is a file")
-    targets = [(path, folder / relative.with_suffix(f".{ext.lstrip('.')}")) for path, relative in files]
+    suffix = ext.lstrip(".")
+    if not suffix.isalnum():
+        raise OutputError(f"--ext is a container's extension, such as mp4 or mkv; not {ext!r}")
+    targets, failures, taken = [], [], set()
+    for path, relative in files:
+        try:
+            target = place_under(folder, f"{relative.with_suffix('').as_posix()}.{suffix}")
+            if target in taken:
+                raise OutputError(f"{target} is another latent file's output too")
+        except OutputError as e:
+            failures.append({"input": str(path), "reason": str(e)})
+            stderr.print(f"[red]failed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            continue
+        taken.add(target)
+        targets.append((path, target))
+    if not targets:
+        raise OutputError(f"none of the {len(files)} latent files can be placed under {folder}")
     existing = [t for _, t in targets if t.exists()]
     if existing and not force:
         raise OutputError(f"{len(existing)} outputs exist, e.g. {existing[0]} (use --force to overwrite)")
@@ -406,7 +423,7 @@ def _decode_many(
     weights, model, *rest = model_options
     loaded = _load(weights, model or first.model, *rest)
     folder.mkdir(exist_ok=True)
-    failures, written = [], []
+    written = []
     with _progress(f"decode {len(files)} files", None, quiet) as progress:
         for path, target in targets:
             try:

@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from ivvae_cli.latent_file import (
     write_latent_file,
 )
 from ivvae_cli.model import SPATIAL_STRIDE, TEMPORAL_STRIDE, VideoSize
-from ivvae_cli.outputs import atomic_output
+from ivvae_cli.outputs import atomic_output, name_problem, place_under
 from ivvae_cli.pipeline import MemoryOptions, encoded_fields
 from ivvae_cli.stream import StreamEncoder
 from ivvae_cli.video import VideoInfo, probe, read_frames, resized
@@ -63,6 +63,10 @@ POSTERIORS = ("mean", "sample", "both")
 FORMAT_NAME = "ivvae-dataset"
 FORMAT_VERSION = 1
 PIECE_FRAMES = 32  # frames a worker hands the model at a time
+# Output names a source's own path never takes: a source outside the collection's folder goes under
+# _outside/ by its absolute path, one with no safe name under _unplaceable/ by a digest, and one
+# inside whose path starts with any of these under _inside/, so no two sources share an output.
+OUTSIDE, UNPLACEABLE, INSIDE = "_outside", "_unplaceable", "_inside"
 
 
 # -- who does what ---------------------------------------------------------------------------------
@@ -125,6 +129,7 @@ class Source:
     end: float | None = None
     unit: str = "frames"
     columns: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None  # why it has no safe output name: it fails without being read
 
     @property
     def name(self) -> str:
@@ -159,6 +164,7 @@ def read_sources(spec: str | Path, columns: Columns | None = None) -> list[Sourc
         raise InputError(f"input not found: {spec}")
     if not sources:
         raise InputError(f"no videos in {spec}")
+    sources = [_placeable(s) for s in sources]
     sources.sort(key=lambda s: (s.key, s.start or 0, math.inf if s.end is None else s.end))
     names = [s.name for s in sources]
     duplicate = next((a for a, b in itertools.pairwise(names) if a == b), None)
@@ -176,12 +182,28 @@ def _plain_source(path: Path, root: Path) -> Source:
 
 
 def _key(path: Path, root: Path) -> str:
-    """``path`` relative to ``root``; a path outside it keeps its whole absolute form."""
-    absolute = path.absolute()
+    """``path`` relative to ``root``, both with ``..`` resolved lexically; a path outside it keeps
+    its whole absolute form under ``_outside/``."""
+    absolute = os.path.normpath(path.absolute())
     try:
-        return absolute.relative_to(root.absolute()).as_posix()
+        key = Path(absolute).relative_to(os.path.normpath(root.absolute())).as_posix()
     except ValueError:
-        return "_outside/" + absolute.as_posix().lstrip("/")
+        return f"{OUTSIDE}/{absolute.lstrip('/')}"
+    return f"{INSIDE}/{key}" if key.split("/")[0] in (OUTSIDE, UNPLACEABLE, INSIDE) else key
+
+
+def _placeable(source: Source) -> Source:
+    """``source``; or when it cannot be encoded (a manifest row's span is not one) or its outputs
+    cannot be named after it (a control character, a name too long), the same under a digest of
+    its name and problem, with the problem said: it fails into errors.jsonl, unread."""
+    problem = source.problem
+    if problem is None:
+        named = name_problem(f"{source.name}.json")  # its record's name: the longest a source has
+        if named is None:
+            return source
+        problem = f"no safe output name for it: {named}"
+    digest = hashlib.sha256(f"{source.name}\0{problem}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return replace(source, key=f"{UNPLACEABLE}/{digest}", problem=problem)
 
 
 def _manifest_rows(path: Path) -> list[dict[str, Any]]:
@@ -216,6 +238,8 @@ def _manifest_source(row: dict[str, Any], index: int, manifest: Path, columns: C
     path = Path(str(value))
     path = path if path.is_absolute() else manifest.parent / path
 
+    problems = []
+
     def number(name: str) -> float | None:
         raw = row.get(name)
         if raw is None or raw == "":
@@ -223,20 +247,22 @@ def _manifest_source(row: dict[str, Any], index: int, manifest: Path, columns: C
         try:
             number = float(raw)
         except (TypeError, ValueError):
-            raise InputError(f"{where}: '{name}' is not a number: {raw!r}") from None
+            problems.append(f"'{name}' is not a number: {raw!r}")
+            return None
         if not math.isfinite(number) or number < 0:
-            raise InputError(f"{where}: '{name}' must be a finite number >= 0, got {raw!r}")
+            problems.append(f"'{name}' must be a finite number >= 0, got {raw!r}")
+            return None
         return number
 
     start, end = number(columns.start), number(columns.end)
     if start is not None and end is not None and end <= start:
-        raise InputError(f"{where}: the span ends ({end:g}) before it starts ({start:g})")
+        problems.append(f"the span ends ({end:g}) before it starts ({start:g})")
     used = {columns.path, columns.id, columns.start, columns.end}
     carried = {k: v for k, v in row.items() if k not in used}
     identifier = row.get(columns.id)
     return Source(
         path, _key(path, manifest.parent), None if identifier in (None, "") else str(identifier),
-        start, end, columns.span_unit, carried,
+        start, end, columns.span_unit, carried, f"{where}: {'; '.join(problems)}" if problems else None,
     )  # fmt: skip
 
 
@@ -430,14 +456,14 @@ class Layout:
         self.errors = folder / "errors.jsonl"
 
     def latent(self, source: Source, name: str) -> Path:
-        return self.folder / "latents" / source.key / f"{name}.latent"
+        return place_under(self.folder, f"latents/{source.key}/{name}.latent")
 
     def record(self, source: Source) -> Path:
         """Written when every clip of ``source`` is: the index rows of its clips."""
-        return self.folder / "records" / f"{source.name}.json"
+        return place_under(self.folder, f"records/{source.name}.json")
 
     def failure(self, source: Source) -> Path:
-        return self.folder / "failures" / f"{source.name}.json"
+        return place_under(self.folder, f"failures/{source.name}.json")
 
 
 def _write_json(path: Path, value: Any, owned: bool = True) -> None:
@@ -588,6 +614,9 @@ class _ClipReader(IterableDataset):
 
     def _pieces(self, index: int, source: Source, caught: list) -> Iterator[dict[str, Any]]:
         clips, done = 0, None
+        if source.problem is not None:
+            yield {"kind": "failed", "source": index, "stage": "output", "reason": source.problem}
+            return
         try:
             info = probe(source.path)
             geometry = Geometry.plan(info.width, info.height, self.options)
@@ -768,7 +797,7 @@ class _Job:
         for key in [k for k in self.open if k[0] == index]:
             del self.open[key]
         self.rows.pop(index, None)
-        if stage != "decode":  # the worker goes on sending this source's pieces: ignore them until its end
+        if stage == "encode":  # the worker goes on sending this source's pieces: ignore them until its end
             self.failed.add(index)
         _write_json(self.layout.failure(source), {"path": str(source.path), "source": source.name,
                                                   "stage": stage, "reason": reason.splitlines()[0]})  # fmt: skip

@@ -1,14 +1,53 @@
 """Output files are written atomically: to a hidden temporary beside the target, renamed into place
-only when complete, and removed on any failure or interrupt."""
+only when complete, and removed on any failure or interrupt. A name derived from input (a manifest's
+path, a latent file's place in a folder) becomes a path only through ``place_under``, so that no
+input chooses where ivvae writes."""
 
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ivvae_cli.errors import OutputError
+
+MAX_SEGMENT_BYTES = 255  # a file name's limit on ext4, XFS, btrfs, ZFS, NFS and Lustre
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def name_problem(name: str) -> str | None:
+    """Why the relative ``/``-separated ``name`` cannot be a path under a folder, or None. ``..``
+    is resolved lexically first, and empty and ``.`` segments dropped; what still climbs out, an
+    absolute or empty name, a control character or a segment longer than a file name can be is
+    refused."""
+    if _CONTROL.search(name):
+        return "it holds a control character"
+    if name.startswith("/"):
+        return "it is an absolute path"
+    normal = posixpath.normpath(name) if name else "."
+    if normal == ".":
+        return "it names no file"
+    if normal == ".." or normal.startswith("../"):
+        return "it climbs out of the folder"
+    longest = max(normal.split("/"), key=lambda s: len(s.encode("utf-8", "surrogateescape")))
+    if len(longest.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
+        return f"a part of it is longer than {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def place_under(folder: Path, name: str) -> Path:
+    """``name`` (derived from input) as a path under ``folder``, or OutputError: the lexical rules of
+    ``name_problem``, then no link already under ``folder`` may lead the path out of it."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise OutputError(f"cannot write {name!r} under {folder}: {problem}")
+    path = folder / posixpath.normpath(name)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise OutputError(f"cannot write {name!r} under {folder}: a link there leads out of the folder")
+    return path
 
 
 def check_output(path: Path, force: bool) -> None:
