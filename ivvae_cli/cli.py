@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
+from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError, WriteError
 from ivvae_cli.latent_file import (
     describe_latent_file,
     find_latent_files,
@@ -33,7 +33,7 @@ from ivvae_cli.latent_file import (
     write_latent_file,
 )
 from ivvae_cli.metrics import ERROR_GAIN, Metrics, compare_videos, plot_per_frame
-from ivvae_cli.outputs import atomic_output, check_output, place_under
+from ivvae_cli.outputs import atomic_output, check_output, check_writable, place_under, write_error
 from ivvae_cli.pipeline import (
     EncodeOptions,
     MemoryOptions,
@@ -183,6 +183,11 @@ def _errors(quiet: bool = False) -> Iterator[None]:
             raise typer.Exit(130) from None
         except torch.cuda.OutOfMemoryError:
             raise _fail(IvvaeError("out of GPU memory; try --groups-per-step 1 or --device cpu")) from None
+        except OSError as e:  # a full disk, a read-only folder, wherever it is met
+            error = write_error(e)
+            if error is None:
+                raise
+            raise _fail(error) from None
 
 
 class _FramesPerSecond(ProgressColumn):
@@ -419,6 +424,7 @@ def _decode_many(
     existing = [t for _, t in targets if t.exists()]
     if existing and not force:
         raise OutputError(f"{len(existing)} outputs exist, e.g. {existing[0]} (use --force to overwrite)")
+    check_writable(folder if folder.is_dir() else folder.parent)
     first = read_latent_header(files[0][0])
     weights, model, *rest = model_options
     loaded = _load(weights, model or first.model, *rest)
@@ -433,6 +439,8 @@ def _decode_many(
                 with atomic_output(target, force) as tmp:
                     decode_latent(data, tmp, loaded, write, memory=memory, progress=progress)
                 written.append(str(target))
+            except WriteError:  # the disk, not the file: every later write would fail too
+                raise
             except IvvaeError as e:
                 failures.append({"input": str(path), "reason": str(e)})
                 stderr.print(f"[red]failed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
@@ -875,6 +883,7 @@ def dataset_encode(
         if device in ("auto", "cuda") and torch.cuda.is_available():
             device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
+        dataset.check_folder(out)
         loaded = _load(weights, model, device, dtype, not talk)
         where = source if glob.has_magic(source) else str(Path(source).absolute())
         spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint)

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ivvae_cli.colour import Colour
-from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
+from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError, WriteError
 from ivvae_cli.latent_file import (
     LatentFile,
     LatentHeader,
@@ -48,7 +48,7 @@ from ivvae_cli.latent_file import (
     write_latent_file,
 )
 from ivvae_cli.model import SPATIAL_STRIDE, TEMPORAL_STRIDE, VideoSize
-from ivvae_cli.outputs import atomic_output, name_problem, place_under
+from ivvae_cli.outputs import atomic_output, check_writable, name_problem, place_under
 from ivvae_cli.pipeline import MemoryOptions, encoded_fields
 from ivvae_cli.stream import StreamEncoder
 from ivvae_cli.video import VideoInfo, probe, read_frames, resized
@@ -517,12 +517,18 @@ class JobSpec:
                    raw["weights_fingerprint"])  # fmt: skip
 
 
-def prepare_folder(folder: Path, spec: JobSpec, overwrite: bool) -> None:
-    """Refuse to mix options or weights in one folder (unless ``overwrite``), then record the job."""
+def check_folder(folder: Path) -> None:
+    """Fail in one line, before the model loads, when ``folder`` cannot take a dataset."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output is not a folder: {folder}")
     if not folder.parent.is_dir():
         raise OutputError(f"output folder's parent does not exist: {folder.parent}")
+    check_writable(folder if folder.is_dir() else folder.parent)
+
+
+def prepare_folder(folder: Path, spec: JobSpec, overwrite: bool) -> None:
+    """Refuse to mix options or weights in one folder (unless ``overwrite``), then record the job."""
+    check_folder(folder)
     old = JobSpec.read(folder)
     if old is not None and old.fingerprint != spec.fingerprint and not overwrite:
         changed = [k for k, v in asdict(spec.options).items() if getattr(old.options, k) != v]
@@ -790,6 +796,8 @@ class _Job:
                 self.tally.skipped += message["skipped"] is not None
             else:
                 self._fail(index, source, message["stage"], message["reason"])
+        except WriteError:  # the disk, not the source: every later write would fail too
+            raise
         except IvvaeError as e:
             self._fail(index, source, "encode", str(e))
 

@@ -19,6 +19,11 @@ class OutputError(IvvaeError):
     exit_code = 4
 
 
+class WriteError(OutputError):
+    """An output could not be written: the disk or quota is full, the folder read-only or refused.
+    Jobs stop at it (every later write would fail too); the same command resumes once it is fixed."""
+
+
 class WeightsError(IvvaeError):
     """Weights that cannot be found, read, or that do not fit."""
 

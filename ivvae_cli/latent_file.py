@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -266,7 +267,13 @@ def write_latent_file(path: Path, data: LatentFile) -> None:
         tensors["audio"] = torch.frombuffer(bytearray(data.audio), dtype=torch.uint8)
     if data.logvar is not None:
         tensors["logvar"] = data.logvar.detach().to("cpu").contiguous()
-    save_file(tensors, str(path), metadata=data.header.to_metadata())
+    try:
+        save_file(tensors, str(path), metadata=data.header.to_metadata())
+    except SafetensorError as e:  # its I/O errors, e.g. a full disk, as Python's own
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 @dataclass

@@ -5,6 +5,7 @@ input chooses where ivvae writes."""
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -12,10 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ivvae_cli.errors import OutputError
+from ivvae_cli.errors import OutputError, WriteError
 
 MAX_SEGMENT_BYTES = 255  # a file name's limit on ext4, XFS, btrfs, ZFS, NFS and Lustre
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
 def name_problem(name: str) -> str | None:
@@ -52,6 +54,38 @@ def place_under(folder: Path, name: str) -> Path:
 
 def check_output(path: Path, force: bool) -> None:
     """Fail before any work when ``path`` cannot be written."""
+    _check_target(path, force)
+    check_writable(path.parent)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail in one line, before any work, when nothing can be written in ``folder``: a probe file is
+    made and removed (``os.access`` says yes to root on a read-only mount, and knows no full disk)."""
+    if not folder.is_dir():
+        raise OutputError(f"output folder does not exist: {folder}")
+    probe = folder / f".ivvae-probe-{os.getpid()}"
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise write_error(e, folder) or OutputError(f"cannot write in {folder}: {e.strerror or e}") from None
+    try:
+        os.write(descriptor, b"\0")
+    except OSError as e:
+        raise write_error(e, folder) or OutputError(f"cannot write in {folder}: {e.strerror or e}") from None
+    finally:
+        os.close(descriptor)
+        probe.unlink()
+
+
+def write_error(error: OSError, path: Path | str | None = None) -> WriteError | None:
+    """``error`` in one line when it says that an output cannot be written (a full disk or quota, a
+    read-only or refused folder), else None."""
+    if error.errno not in WRITE_ERRNOS:
+        return None
+    return WriteError(f"cannot write {path or error.filename}: {error.strerror or error}")
+
+
+def _check_target(path: Path, force: bool) -> None:
     if path.is_dir():
         raise OutputError(f"output is a folder: {path}")
     if path.exists() and not force:
@@ -68,12 +102,14 @@ def atomic_output(path: Path, force: bool, *, sole_writer: bool = False) -> Iter
     and what a killed writer left of it is overwritten and renamed away by the next write (no scan
     of the folder, which a dataset of a million clips cannot afford). Otherwise the name carries
     the process id, so that processes writing the same path do not meet."""
-    check_output(path, force)
+    _check_target(path, force)
     tag = "" if sole_writer else f"-{os.getpid()}"
     temporary = path.with_name(f".{path.stem}.partial{tag}{path.suffix}")
     try:
         yield temporary
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as e:
         temporary.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (error := write_error(e, path)) is not None:
+            raise error from None
         raise
