@@ -33,7 +33,7 @@ from ivvae_cli.latent_file import (
     write_latent_file,
 )
 from ivvae_cli.metrics import ERROR_GAIN, Metrics, compare_videos, plot_per_frame
-from ivvae_cli.outputs import atomic_output, check_output, check_writable, place_under, write_error
+from ivvae_cli.outputs import FolderLock, atomic_output, check_output, check_writable, place_under, write_error
 from ivvae_cli.pipeline import (
     EncodeOptions,
     MemoryOptions,
@@ -884,14 +884,15 @@ def dataset_encode(
             device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         dataset.check_folder(out)
-        loaded = _load(weights, model, device, dtype, not talk)
-        where = source if glob.has_magic(source) else str(Path(source).absolute())
-        spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint)
-        dataset.prepare_folder(out, spec, overwrite)
-        with _dataset_progress(world, len(share), talk, 0 if quiet else log_every) as progress:
-            tally, merged = dataset.encode_dataset(
-                sources, out, loaded, spec, world=world, memory=memory, workers=workers, progress=progress
-            )
+        with FolderLock(out, world.launch):  # before the model loads: a busy folder is said at once
+            loaded = _load(weights, model, device, dtype, not talk)
+            where = source if glob.has_magic(source) else str(Path(source).absolute())
+            spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint)
+            dataset.prepare_folder(out, spec, overwrite)
+            with _dataset_progress(world, len(share), talk, 0 if quiet else log_every) as progress:
+                tally, merged = dataset.encode_dataset(
+                    sources, out, loaded, spec, world=world, memory=memory, workers=workers, progress=progress
+                )
         report = {
             "rank": world.rank, "world_size": world.size, "sources": tally.sources, "clips_written": tally.written,
             "clips_existing": tally.existing, "sources_skipped": tally.skipped, "sources_failed": tally.failed,

@@ -79,22 +79,29 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launch: str = field(default="", compare=False)  # what this job's processes share; "" for one alone
 
     @classmethod
     def from_environment(cls, env: dict[str, str] | None = None) -> World:
-        """torchrun's variables, else SLURM's, else a single process."""
+        """torchrun's variables, else SLURM's, else a single process. The launch is torchrun's run
+        id (its --rdzv-id) or srun's job step."""
         env = os.environ if env is None else env
+        launch = ""
+        if "TORCHELASTIC_RUN_ID" in env:
+            launch = f"torchrun {env['TORCHELASTIC_RUN_ID']}"
+        elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+            launch = f"srun {env.get('SLURM_JOB_ID', '')}.{env['SLURM_STEP_ID']}"
         names = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
         for rank, size, local in names:
             if rank in env and size in env:
                 try:
-                    world = cls(int(env[rank]), int(env[size]), int(env.get(local, "0")))
+                    world = cls(int(env[rank]), int(env[size]), int(env.get(local, "0")), launch)
                 except ValueError:
                     raise InputError(f"{rank}/{size} are not integers: {env[rank]!r}, {env[size]!r}") from None
                 if not 0 <= world.rank < world.size:
                     raise InputError(f"{rank}={world.rank} is outside {size}={world.size}")
                 return world
-        return cls()
+        return cls(launch=launch)
 
     def share(self, count: int) -> range:
         """The indices of the work list this process takes."""
@@ -505,16 +512,32 @@ class JobSpec:
 
     @classmethod
     def read(cls, folder: Path) -> JobSpec | None:
-        raw = _read_json(Layout(folder).spec)
-        if raw is None:
+        """The job recorded in ``folder``; None where there is none; ``DamagedSpecError`` where its
+        dataset.json is cut short or garbled (a crash on a network filesystem)."""
+        path = Layout(folder).spec
+        if not path.exists():
             return None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-            raise InputError(f"{Layout(folder).spec} is not an ivvae dataset description")
-        options = dict(raw["options"])
-        options["buckets"] = tuple(tuple(b) for b in options["buckets"])
-        options["target_fps"] = None if options["target_fps"] is None else Fraction(options["target_fps"])
-        return cls(raw["source"], Columns(**raw["columns"]), ClipOptions(**options), raw["model"],
-                   raw["weights_fingerprint"])  # fmt: skip
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DamagedSpecError(f"{path} is cut short or garbled ({e.__class__.__name__})") from None
+        if isinstance(raw, dict) and raw.get("format") not in (None, FORMAT_NAME):
+            raise InputError(f"{path} is not an ivvae dataset description")
+        try:
+            options = dict(raw["options"])
+            options["buckets"] = tuple((int(w), int(h)) for w, h in options["buckets"])
+            options["target_fps"] = None if options["target_fps"] is None else Fraction(options["target_fps"])
+            spec = cls(str(raw["source"]), Columns(**raw["columns"]), ClipOptions(**options), str(raw["model"]),
+                       str(raw["weights_fingerprint"]))  # fmt: skip
+        except (TypeError, ValueError, KeyError, IvvaeError) as e:
+            raise DamagedSpecError(f"{path} is cut short or garbled ({e.__class__.__name__})") from None
+        if raw.get("fingerprint") != spec.fingerprint:
+            raise DamagedSpecError(f"{path} is garbled (its settings do not give its fingerprint)")
+        return spec
+
+
+class DamagedSpecError(InputError):
+    """A dataset.json that cannot be read back: ``encode`` writes it anew, ``merge`` refuses."""
 
 
 def check_folder(folder: Path) -> None:
@@ -529,7 +552,12 @@ def check_folder(folder: Path) -> None:
 def prepare_folder(folder: Path, spec: JobSpec, overwrite: bool) -> None:
     """Refuse to mix options or weights in one folder (unless ``overwrite``), then record the job."""
     check_folder(folder)
-    old = JobSpec.read(folder)
+    try:
+        old = JobSpec.read(folder)
+    except DamagedSpecError as e:  # nothing is lost: every record and latent carries the settings it was made with
+        redone = "records and clips made with other settings are redone"
+        warnings.warn(f"{e}: written anew; {redone}", IvvaeWarning, stacklevel=2)
+        old = None
     if old is not None and old.fingerprint != spec.fingerprint and not overwrite:
         changed = [k for k, v in asdict(spec.options).items() if getattr(old.options, k) != v]
         if old.weights_fingerprint != spec.weights_fingerprint:
@@ -542,15 +570,42 @@ def prepare_folder(folder: Path, spec: JobSpec, overwrite: bool) -> None:
 
 
 def _record(layout: Layout, source: Source, fingerprint: str) -> dict | None:
-    """The source's record, if it is done with this job's settings."""
+    """The source's record, if it is done with this job's settings; a record cut short or garbled
+    (a crash on a network filesystem) is none, and its source is done again."""
     record = _read_json(layout.record(source))
-    return record if isinstance(record, dict) and record.get("fingerprint") == fingerprint else None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None
+    rows, skipped, warned = record.get("rows"), record.get("skipped"), record.get("warnings", [])
+    if not isinstance(rows, list) or not isinstance(skipped, str | None) or not isinstance(warned, list):
+        return None
+    for row in rows:
+        latent = row.get("latent") if isinstance(row, dict) else None
+        if not isinstance(latent, str) or not latent.startswith("latents/") or name_problem(latent) is not None:
+            return None
+    return record
+
+
+def _sizes(layout: Layout, rows: list[dict]) -> list[int]:
+    return [(layout.folder / row["latent"]).stat().st_size for row in rows]
+
+
+def _whole(layout: Layout, record: dict) -> bool:
+    """Whether every clip a record lists is there at the size it says (a stat each: a clip torn by
+    a crash on a network filesystem is found without reading it)."""
+    try:
+        sizes = _sizes(layout, record["rows"])
+    except OSError:
+        return False
+    return record.get("bytes", sizes) == sizes
 
 
 def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, int]:
     """Join the records of every source into ``index.jsonl`` (and ``index.parquet`` when pyarrow is
     installed) and the failures into ``errors.jsonl``, in work-list order. Returns the counts."""
-    spec = JobSpec.read(folder)
+    try:
+        spec = JobSpec.read(folder)
+    except DamagedSpecError as e:
+        raise InputError(f"{e}: run the encode command again, which writes it anew, then merge") from None
     if spec is None:
         raise InputError(f"{folder} holds no ivvae dataset (no dataset.json)")
     sources = sources if sources is not None else read_sources(spec.source, spec.columns)
@@ -564,7 +619,7 @@ def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, 
             warned += bool(record.get("warnings"))
             continue
         failure = _read_json(layout.failure(source))
-        if failure is not None:
+        if isinstance(failure, dict):
             errors.append(failure)
         else:
             pending += 1
@@ -742,6 +797,8 @@ def encode_dataset(
     todo = []
     for i, source in share:
         record = _record(layout, source, spec.fingerprint)
+        if record is not None and not _whole(layout, record):
+            record = None  # a clip it lists is gone or cut short: the source is done again
         if record is None:
             todo.append((i, source))
         else:
@@ -789,6 +846,7 @@ class _Job:
             elif kind == "end":
                 rows = self.rows.pop(index, [])
                 _write_json(self.layout.record(source), {"fingerprint": self.spec.fingerprint, "rows": rows,
+                                                         "bytes": _sizes(self.layout, rows),
                                                          "skipped": message["skipped"],
                                                          "warnings": message["warnings"]})  # fmt: skip
                 self.layout.failure(source).unlink(missing_ok=True)
@@ -938,7 +996,17 @@ class LatentDataset(torch.utils.data.Dataset):
         index = self.folder / "index.jsonl"
         if not index.is_file():
             raise InputError(f"{self.folder} has no index.jsonl (run `ivvae dataset merge {self.folder}`)")
-        rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(index.read_text().splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                row = ""
+            if row is not None and not (isinstance(row, dict) and name_problem(str(row.get("latent", ""))) is None):
+                merge = f"`ivvae dataset merge {self.folder}` rewrites it"
+                raise InputError(f"{index} is damaged at line {number}: {merge}")
+            if row is not None:
+                rows.append(row)
         self.rows = [r for r in rows if bucket is None or r.get("bucket") == bucket]
         self.sample = sample
 

@@ -6,14 +6,17 @@ input chooses where ivvae writes."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import posixpath
 import re
+import socket
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ivvae_cli.errors import OutputError, WriteError
+from ivvae_cli.errors import IvvaeWarning, OutputError, WriteError
 
 MAX_SEGMENT_BYTES = 255  # a file name's limit on ext4, XFS, btrfs, ZFS, NFS and Lustre
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -113,3 +116,55 @@ def atomic_output(path: Path, force: bool, *, sole_writer: bool = False) -> Iter
         if isinstance(e, OSError) and (error := write_error(e, path)) is not None:
             raise error from None
         raise
+
+
+class FolderLock:
+    """Keeps two jobs out of one output folder while letting the processes of one job (a torchrun
+    or srun launch, named by ``launch``) share it. Each holds a shared POSIX lock on ``.ivvae.lock``
+    while it runs, and the first of a launch writes the launch's name there; a process of another
+    launch is refused while any lock is held. The kernel, or the NFS lock manager, drops a dead
+    process's lock, so a crash never blocks the next run; and POSIX locks are not inherited by
+    forked workers. Where the filesystem has no locks, a warning says that jobs are not kept apart."""
+
+    def __init__(self, folder: Path, launch: str = ""):
+        self.folder = folder
+        self.launch = launch or f"{socket.gethostname()}:{os.getpid()}"
+        self.descriptor: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        self.folder.mkdir(exist_ok=True)
+        guard = os.open(self.folder / ".ivvae.guard", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(guard, fcntl.LOCK_EX)  # held a moment, by one joining process at a time
+            self.descriptor = os.open(self.folder / ".ivvae.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(self.descriptor, 1024, 0).decode(errors="replace")
+                if holder != self.launch:
+                    self.__exit__()
+                    raise OutputError(
+                        f"{self.folder} is being written by another job ({holder}): wait for it to end, "
+                        "or use another folder (the processes of one torchrun or srun launch share it)"
+                    ) from None
+            else:  # no process holds it: this launch is the first
+                os.ftruncate(self.descriptor, 0)
+                os.pwrite(self.descriptor, self.launch.encode(), 0)
+            fcntl.lockf(self.descriptor, fcntl.LOCK_SH)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            warnings.warn(
+                f"{self.folder} cannot be locked ({e.strerror}): two jobs started on it are not kept apart",
+                IvvaeWarning, stacklevel=2,
+            )  # fmt: skip
+        finally:
+            os.close(guard)
+        return self
+
+    def __exit__(self, *error) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)  # and with it the lock
+            self.descriptor = None

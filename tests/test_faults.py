@@ -4,15 +4,20 @@ which vanishes with it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from ivvae_cli.dataset import LatentDataset
+from ivvae_cli.errors import InputError
 from ivvae_cli.latent_file import read_latent_file
 
 from .media import make_clip
@@ -116,3 +121,76 @@ def test_a_read_only_output_folder_is_refused_in_one_line_before_the_model_loads
         assert _read(logs / f"{name}.rc").strip() == "4", (name, err)
         assert len(err.strip().splitlines()) == 1 and "Read-only file system" in err, (name, err)
         assert "model " not in err, (name, err)  # said before any model was loaded
+
+
+@pytest.mark.e2e
+def test_torn_records_clips_index_and_description_are_redone_or_refused_in_one_line(tmp_path, clips, checkpoint):
+    """What a crash on a network filesystem can leave (a file renamed into place before its bytes
+    reached the server): each is found, and the same command puts the folder right."""
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    args = [clips, "-w", checkpoint, "--frames", "5", "-q", "--workers", "0"]
+    assert ivvae("dataset", "encode", args[0], straight, *args[1:])[0] == 0
+    shutil.copytree(straight, out)
+    records = out / "records"
+    (records / "c0.mkv.json").write_bytes((records / "c0.mkv.json").read_bytes()[:40])
+    fingerprint = json.loads((records / "c1.mkv.json").read_text())["fingerprint"]
+    (records / "c1.mkv.json").write_text(json.dumps({"fingerprint": fingerprint, "rows": "x", "skipped": None}))
+    climbing = {"fingerprint": fingerprint, "rows": [{"latent": "../../../etc/passwd"}], "skipped": None}
+    (records / "c2.mkv.json").write_text(json.dumps(climbing))
+    torn = out / "latents" / "c3.mkv" / "f0000000-0000005.latent"
+    torn.write_bytes(torn.read_bytes()[:-64])
+    (out / "latents" / "c4.mkv" / "f0000000-0000005.latent").unlink()
+    lines = (out / "index.jsonl").read_bytes()
+    (out / "index.jsonl").write_bytes(lines[: lines.index(b"\n") + 40])  # cut in its second line
+    (out / "dataset.json").write_bytes((out / "dataset.json").read_bytes()[:50])
+
+    with pytest.raises(InputError, match=r"index.jsonl is damaged at line 2: `ivvae dataset merge"):
+        LatentDataset(out)
+    code, _, err = ivvae("dataset", "merge", out)
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
+    assert "dataset.json is cut short or garbled" in err and "run the encode command again" in err, err
+
+    code, report, err = ivvae("dataset", "encode", args[0], out, *args[1:3], "--frames", "5", "--json", "-")
+    assert code == 0, err
+    assert "dataset.json is cut short or garbled (JSONDecodeError): written anew" in err
+    report = json.loads(report)
+    assert (report["clips_existing"], report["clips_written"]) == (3, 2)  # c0-c2 read again, c3 and c4 made again
+    assert index(out) == index(straight)
+    for row in index(straight):
+        a, b = (read_latent_file(folder / row["latent"]).latent for folder in (out, straight))
+        assert torch.equal(a, b)
+    assert len(LatentDataset(out)) == 8 and partials(out) == []
+
+    (out / "dataset.json").write_text(json.dumps({"format": "ivvae-dataset", "options": 3}))
+    code, _, err = ivvae("dataset", "merge", out)
+    assert code == 3 and "garbled (TypeError)" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_second_job_on_a_busy_folder_is_refused_and_a_dead_one_holds_nothing(tmp_path, checkpoint):
+    for i in range(6):
+        make_clip(tmp_path / f"long{i}.mkv", 97, 96, 48, codec="ffv1", pix_fmt="bgr0")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ivvae_cli", "dataset", "encode", str(tmp_path), str(out), "-w", str(checkpoint),
+               "--clips", "chunk", "--frames", "5", "--workers", "1"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*command, "-q"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.rglob("*.latent")) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        for extra in ([], ["--frames", "9"]):  # the same settings, and others
+            second = subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=120)
+            err = second.stderr
+            assert second.returncode == 4 and len(err.strip().splitlines()) == 1, err
+            assert "is being written by another job" in err and "model " not in err, err
+        assert first.poll() is None, "the first job ended too early to test"
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    assert 0 < len(list(out.rglob("*.latent"))) < 6 * 19
+    again = subprocess.run([*command, "-q"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # the dead job's lock went with it
+    assert len(index(out)) == 6 * 19 and partials(out) == []
