@@ -48,7 +48,7 @@ from ivvae_cli.latent_file import (
     write_latent_file,
 )
 from ivvae_cli.model import SPATIAL_STRIDE, TEMPORAL_STRIDE, VideoSize
-from ivvae_cli.outputs import atomic_output, check_writable, name_problem, place_under
+from ivvae_cli.outputs import atomic_output, check_writable, folder_guard, name_problem, place_under
 from ivvae_cli.pipeline import MemoryOptions, encoded_fields
 from ivvae_cli.stream import StreamEncoder
 from ivvae_cli.video import VideoInfo, probe, read_frames, resized
@@ -473,11 +473,12 @@ class Layout:
         return place_under(self.folder, f"failures/{source.name}.json")
 
 
-def _write_json(path: Path, value: Any, owned: bool = True) -> None:
-    """Atomically, creating the folder; an existing file is replaced. ``owned``: no other process
-    writes it in this run, so what a killed one left of it can go."""
+def _write_json(path: Path, value: Any) -> None:
+    """Atomically, creating the folder; an existing file is replaced. No other process writes it
+    meanwhile (or the caller holds ``folder_guard``), so its temporary has one name, and what a
+    killed process left of it is replaced by the next write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, force=True, sole_writer=owned) as tmp:
+    with atomic_output(path, force=True, sole_writer=True) as tmp:
         tmp.write_text(json.dumps(value, default=str) + "\n")
 
 
@@ -566,7 +567,9 @@ def prepare_folder(folder: Path, spec: JobSpec, overwrite: bool) -> None:
             f"{folder} holds latents made with other settings ({', '.join(changed)}); "
             "use the same options, another folder, or --overwrite"
         )
-    _write_json(Layout(folder).spec, spec.to_json(), owned=False)  # every process writes it alike
+    folder.mkdir(exist_ok=True)
+    with folder_guard(folder):  # every process writes it alike, one at a time
+        _write_json(Layout(folder).spec, spec.to_json())
 
 
 def _record(layout: Layout, source: Source, fingerprint: str) -> dict | None:
@@ -623,10 +626,11 @@ def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, 
             errors.append(failure)
         else:
             pending += 1
-    for path, items in ((layout.index, rows), (layout.errors, errors)):
-        with atomic_output(path, force=True) as tmp:
-            tmp.write_text("".join(json.dumps(item, default=str) + "\n" for item in items))
-    parquet = _write_parquet(folder / "index.parquet", rows)
+    with folder_guard(folder):  # the last processes of a job may merge at once: one at a time
+        for path, items in ((layout.index, rows), (layout.errors, errors)):
+            with atomic_output(path, force=True, sole_writer=True) as tmp:
+                tmp.write_text("".join(json.dumps(item, default=str) + "\n" for item in items))
+        parquet = _write_parquet(folder / "index.parquet", rows)
     return {"clips": len(rows), "sources_failed": len(errors), "sources_pending": pending,
             "sources_skipped": skipped, "sources_warned": warned, "parquet": parquet}  # fmt: skip
 
@@ -637,7 +641,7 @@ def _write_parquet(path: Path, rows: list[dict]) -> bool:
         import pyarrow.parquet as pq
     except ImportError:
         return False
-    with atomic_output(path, force=True) as tmp:
+    with atomic_output(path, force=True, sole_writer=True) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     return True
 

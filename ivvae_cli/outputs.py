@@ -66,7 +66,7 @@ def check_writable(folder: Path) -> None:
     made and removed (``os.access`` says yes to root on a read-only mount, and knows no full disk)."""
     if not folder.is_dir():
         raise OutputError(f"output folder does not exist: {folder}")
-    probe = folder / f".ivvae-probe-{os.getpid()}"
+    probe = folder / ".ivvae.probe"  # one name: what a killed process left, the next probe removes
     try:
         descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as e:
@@ -77,7 +77,7 @@ def check_writable(folder: Path) -> None:
         raise write_error(e, folder) or OutputError(f"cannot write in {folder}: {e.strerror or e}") from None
     finally:
         os.close(descriptor)
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # processes started together probe alike
 
 
 def write_error(error: OSError, path: Path | str | None = None) -> WriteError | None:
@@ -118,6 +118,27 @@ def atomic_output(path: Path, force: bool, *, sole_writer: bool = False) -> Iter
         raise
 
 
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a filesystem without locks
+
+
+@contextmanager
+def folder_guard(folder: Path) -> Iterator[None]:
+    """One process at a time in ``folder`` for a moment: joining a job (``FolderLock``), or writing
+    a file that several of its processes write (a dataset's index and description), which may then
+    keep one temporary name that the next write replaces, instead of one per process that a killed
+    one would leave behind."""
+    guard = os.open(folder / ".ivvae.guard", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(guard, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(guard)  # and with it the lock
+
+
 class FolderLock:
     """Keeps two jobs out of one output folder while letting the processes of one job (a torchrun
     or srun launch, named by ``launch``) share it. Each holds a shared POSIX lock on ``.ivvae.lock``
@@ -133,36 +154,36 @@ class FolderLock:
 
     def __enter__(self) -> FolderLock:
         self.folder.mkdir(exist_ok=True)
-        guard = os.open(self.folder / ".ivvae.guard", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.lockf(guard, fcntl.LOCK_EX)  # held a moment, by one joining process at a time
-            self.descriptor = os.open(self.folder / ".ivvae.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.lockf(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = os.pread(self.descriptor, 1024, 0).decode(errors="replace")
-                if holder != self.launch:
-                    self.__exit__()
-                    raise OutputError(
-                        f"{self.folder} is being written by another job ({holder}): wait for it to end, "
-                        "or use another folder (the processes of one torchrun or srun launch share it)"
-                    ) from None
-            else:  # no process holds it: this launch is the first
-                os.ftruncate(self.descriptor, 0)
-                os.pwrite(self.descriptor, self.launch.encode(), 0)
-            fcntl.lockf(self.descriptor, fcntl.LOCK_SH)
+            with folder_guard(self.folder):
+                self._join()
         except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if e.errno not in NO_LOCKS:
                 raise
             warnings.warn(
                 f"{self.folder} cannot be locked ({e.strerror}): two jobs started on it are not kept apart",
                 IvvaeWarning, stacklevel=2,
             )  # fmt: skip
-        finally:
-            os.close(guard)
         return self
+
+    def _join(self) -> None:
+        self.descriptor = os.open(self.folder / ".ivvae.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(self.descriptor, 1024, 0).decode(errors="replace")
+            if holder != self.launch:
+                self.__exit__()
+                raise OutputError(
+                    f"{self.folder} is being written by another job ({holder}): wait for it to end, "
+                    "or use another folder (the processes of one torchrun or srun launch share it)"
+                ) from None
+        else:  # no process holds it: this launch is the first
+            os.ftruncate(self.descriptor, 0)
+            os.pwrite(self.descriptor, self.launch.encode(), 0)
+        fcntl.lockf(self.descriptor, fcntl.LOCK_SH)
 
     def __exit__(self, *error) -> None:
         if self.descriptor is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -194,3 +195,45 @@ def test_a_second_job_on_a_busy_folder_is_refused_and_a_dead_one_holds_nothing(t
     again = subprocess.run([*command, "-q"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr  # the dead job's lock went with it
     assert len(index(out)) == 6 * 19 and partials(out) == []
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_killed_at_random_moments_again_and_again_then_run_once_more_gives_an_unstopped_run(tmp_path, checkpoint):
+    """SIGKILL to the whole process group (the job and its decoding workers, as when a node dies),
+    once while it starts and three times at random moments of its work, each run resuming the
+    last; then a run to the end."""
+    for i in range(8):
+        make_clip(tmp_path / f"v{i}.mkv", 37, 96, 48, codec="ffv1", pix_fmt="bgr0")
+    (tmp_path / "broken.mp4").write_bytes(b"\0" * 5000)  # a source that fails: errors.jsonl is compared too
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    total = 8 * 4
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "ivvae_cli", "dataset", "encode", str(tmp_path), str(out), "-w", str(checkpoint),
+                "--clips", "chunk", "--frames", "9", "--workers", "1", "-q", "--max-errors", "1"]  # fmt: skip
+
+    assert subprocess.run(command(tmp_path / "straight"), env=env, timeout=300).returncode == 0
+    out, chance = tmp_path / "killed", random.Random(45)
+    targets = sorted(chance.sample(range(1, total), 3))
+    for target in [0, *targets]:  # 0: while it starts, at a random moment
+        run = subprocess.Popen(command(out), env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+        deadline = time.time() + (chance.uniform(0.2, 2.5) if target == 0 else 300)
+        while time.time() < deadline and run.poll() is None and len(list(out.rglob("*.latent"))) < max(target, 1):
+            time.sleep(0.01)
+        time.sleep(chance.uniform(0, 0.2))
+        assert run.poll() is None, "the run ended before it could be killed"
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=60)
+    assert 0 < len(list(out.rglob("*.latent"))) < total
+    assert subprocess.run(command(out), env=env, timeout=300).returncode == 0
+
+    def files(folder: Path) -> list[str]:
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    assert files(out) == files(tmp_path / "straight")  # no partial file, nothing more, nothing less
+    assert index(out) == index(tmp_path / "straight") and len(index(out)) == total
+    assert (out / "errors.jsonl").read_text() == (tmp_path / "straight" / "errors.jsonl").read_text()
+    for row in index(out):
+        a, b = (read_latent_file(folder / row["latent"]).latent for folder in (out, tmp_path / "straight"))
+        assert torch.equal(a, b)
