@@ -35,6 +35,7 @@ __all__ = [
     "decode",
     "decode_clip",
     "decode_latent",
+    "decode_tensor",
     "encode",
     "encode_clip",
     "encode_dataset",
@@ -49,7 +50,16 @@ __all__ = [
 ]
 
 _LAZY = dict.fromkeys(
-    ("EncodeOptions", "MemoryOptions", "WriteOptions", "decode_latent", "encode_video", "reconstruct_video"), "pipeline"
+    (
+        "EncodeOptions",
+        "MemoryOptions",
+        "WriteOptions",
+        "decode_latent",
+        "decode_tensor",
+        "encode_video",
+        "reconstruct_video",
+    ),
+    "pipeline",
 ) | dict.fromkeys(("ClipOptions", "LatentDataset", "encode_dataset", "merge_index", "read_sources"), "dataset")
 
 

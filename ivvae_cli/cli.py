@@ -23,6 +23,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from ivvae_cli.bare_latent import (
+    DEFAULT_FPS,
+    BareOptions,
+    batch_outputs,
+    check_channels,
+    decoded_size,
+    is_ivvae_latent_file,
+    parse_frame_size,
+    read_bare_latent,
+)
+from ivvae_cli.colour import Colour
 from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError, WriteError
 from ivvae_cli.latent_file import (
     describe_latent_file,
@@ -41,6 +52,7 @@ from ivvae_cli.pipeline import (
     check_model_matches,
     decode_format,
     decode_latent,
+    decode_tensor,
     default_dtype,
     encode_video,
     expected_frames,
@@ -356,14 +368,26 @@ def decode(
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = None,
     ext: Annotated[str, typer.Option(help="With a folder or glob: the container of the videos written.")] = "mp4",
+    fps: Annotated[
+        str | None, typer.Option(help=f"Bare tensors: the video's frames per second (default {DEFAULT_FPS}).")
+    ] = None,
+    latent_space: Annotated[
+        str, typer.Option(help="Bare tensors: scaled (as ivvae stores latents) or unscaled (the posterior's own).")
+    ] = "scaled",
+    size: Annotated[
+        str | None,
+        typer.Option(help="Bare tensors: WIDTHxHEIGHT, the frames cropped by under 8 pixels a side (1088 to 1080)."),
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="Bare tensors: the tensor's name in a file of several.")] = None,
     strict: StrictOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
-    """Decode a latent file into a video with the source's frame count, size, timing and audio; or
-    every latent file of a folder or glob (e.g. a diffusion model's output) into a folder of videos,
-    with one model load."""
+    """Decode a latent file into a video with the source's frame count, size, timing and audio; or a
+    bare latent tensor as a diffusion model's sampler saves it (.safetensors, .pt, .npy, .npz:
+    (C, T, h, w), or (B, C, T, h, w) for a video per item); or every latent file of a folder or glob
+    into a folder of videos, with one model load."""
     with _errors(quiet):
         write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
@@ -371,6 +395,16 @@ def decode(
             model_options = (weights, model, device, dtype, quiet)
             _decode_many(str(input), output, ext, model_options, memory, write, force, quiet, json_path, strict)
             return
+        bare = BareOptions(_fraction(fps, "--fps") or DEFAULT_FPS, latent_space, size and parse_frame_size(size), key)
+        if not is_ivvae_latent_file(input):
+            model_options = (weights, model, device, dtype, quiet)
+            _decode_bare(input, output, bare, model_options, memory, write, force, quiet, json_path)
+            return
+        if fps is not None or size is not None or key is not None or latent_space != "scaled":
+            raise InputError(
+                f"{input} is an ivvae latent file, which records its rate, size and latent space: "
+                "--fps, --size, --key and --latent-space are for bare tensors"
+            )
         data = read_latent_file(input, strict=strict)
         check_output(output, force)
         _explain(decode_format(data.header, output, write), quiet)
@@ -382,6 +416,36 @@ def decode(
             stderr.print(f"wrote {output}", highlight=False)
         _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
                 json_path)  # fmt: skip
+
+
+def _decode_bare(
+    input: Path,
+    output: Path,
+    options: BareOptions,
+    model_options: tuple,
+    memory: MemoryOptions,
+    write: WriteOptions,
+    force: bool,
+    quiet: bool,
+    json_path: Path | None,
+) -> None:
+    """A bare latent tensor into a video per batch item, everything checked before the model loads."""
+    bare = read_bare_latent(input, options.key)
+    size = decoded_size(bare.latent.shape, options.size)
+    outputs = batch_outputs(output, bare.latent.shape[0])
+    for path in outputs:
+        check_output(path, force)
+    _explain(write.format(outputs[0], size.width, size.height, Colour(), 8), quiet)
+    loaded = _load(*model_options)
+    check_channels(bare.latent, loaded, str(input))
+    with _progress("decode", size.frames * len(outputs), quiet) as progress:
+        written = decode_tensor(
+            bare.latent, output, loaded, options, write, memory=memory, progress=progress, force=force
+        )
+    if not quiet:
+        stderr.print(f"wrote {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
+    _report({"input": str(input), "outputs": [str(p) for p in written], "frames": size.frames,
+             "size": [size.width, size.height], "fps": str(options.fps)}, json_path)  # fmt: skip
 
 
 def _decode_many(

@@ -346,7 +346,7 @@ def _inspect(f, report: LatentReport) -> None:
     latent = f.get_tensor("latent")
     logvar = f.get_tensor("logvar") if "logvar" in report.tensors else None
     for name, values in (("latent", latent), ("logvar", logvar)):
-        problem = None if values is None else _non_finite(name, values, header.source_frames)
+        problem = None if values is None else non_finite(name, values, header.source_frames)
         if problem:
             report.problems.append(problem)
             return
@@ -406,7 +406,7 @@ def _timestamp_problem(pts: np.ndarray, time_base: Fraction, frame_rate: Fractio
     return None
 
 
-def _non_finite(name: str, latent: torch.Tensor, source_frames: int) -> str | None:
+def non_finite(name: str, latent: torch.Tensor, source_frames: int) -> str | None:
     """Where a latent (or its log variance) holds NaN or infinity: how many values, in which latent
     frames (and the video frames they decode to) and channels."""
     bad = ~torch.isfinite(latent[0])  # (channels, T', h, w)

@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ivvae_cli.bare_latent import BareOptions, bare_latent_file, batch_outputs, check_channels, checked_latent
 from ivvae_cli.colour import Colour
 from ivvae_cli.errors import DeviceError, WeightsError
 from ivvae_cli.latent_file import LatentFile, LatentHeader
 from ivvae_cli.metrics import ComparisonWriter, Metrics, sizes
 from ivvae_cli.model import TEMPORAL_STRIDE, VideoSize
+from ivvae_cli.outputs import atomic_output
 from ivvae_cli.stream import StreamDecoder, StreamEncoder, Tiling, plan_tiling
 from ivvae_cli.video import (
     OutputFormat,
@@ -350,6 +352,32 @@ def decode_latent(
             if progress and len(frames):
                 progress(len(frames))
     return tiling.describe(h.padded_size.latent())
+
+
+def decode_tensor(
+    latent: torch.Tensor,
+    output: Path,
+    loaded: LoadedModel,
+    options: BareOptions | None = None,
+    write_options: WriteOptions | None = None,
+    *,
+    memory: MemoryOptions | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> list[Path]:
+    """Decode what a diffusion model's sampler gives, ``(C, T, h, w)`` or ``(B, C, T, h, w)`` in
+    ivvae's scaled latent space (or ``options.space``), into one video per item: ``output``, or for a
+    batch ``NAME_0.EXT``, ``NAME_1.EXT``, ... (``batch_outputs``), each written atomically, at
+    ``options.fps``. Returns the paths written."""
+    options = options or BareOptions()
+    latent = checked_latent(latent.detach().cpu(), "the latent")
+    check_channels(latent, loaded, "the latent")
+    paths = batch_outputs(output, latent.shape[0])
+    for item, path in enumerate(paths):
+        data = bare_latent_file(latent[item : item + 1], path.stem, loaded, options)
+        with atomic_output(path, force) as tmp:
+            decode_latent(data, tmp, loaded, write_options or WriteOptions(), memory=memory, progress=progress)
+    return paths
 
 
 @dataclass
