@@ -85,20 +85,46 @@ def parse_frame_size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def is_ivvae_latent_file(path: Path) -> bool:
-    """Whether ``path`` is one of ivvae's latent files (its safetensors header says so), not a bare
-    tensor. A ``.latent`` file always is: its checks say what is wrong with it."""
-    if path.suffix != ".safetensors":
-        return path.suffix not in BARE_SUFFIXES
+def is_bare_latent(path: Path) -> bool:
+    """Whether ``path`` is a bare tensor by its name, and not one of ivvae's latent files (whose
+    safetensors header says so; a ``.safetensors`` that cannot be read is left to their checks)."""
+    if path.suffix.lower() not in BARE_SUFFIXES:
+        return False
+    if path.suffix.lower() != ".safetensors":
+        return True
     try:
         with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT_NAME
+            return (f.metadata() or {}).get("format") != FORMAT_NAME
     except (SafetensorError, OSError):
-        return True  # not readable as safetensors: the latent file's checks say why
+        return False
 
 
 def read_bare_latent(path: Path, key: str | None = None) -> BareLatent:
     """Read and check a bare latent tensor; every problem is one ``InputError``."""
+    latent, dtype, key = _read(path, key)
+    return BareLatent(path, checked_latent(latent, str(path)), dtype, key)
+
+
+def describe_bare_latent(path: Path, key: str | None = None, fps: Fraction = DEFAULT_FPS) -> dict:
+    """What ``ivvae info`` shows of a bare tensor: its shape and dtype, whether every value is
+    finite, and what it decodes to at ``fps``; ``problems`` is empty when ``decode`` would take it."""
+    latent, dtype, key = _read(path, key)
+    try:
+        checked_latent(latent, str(path))
+        problems = []
+    except InputError as e:
+        problems = [str(e)]
+    size = decoded_size(latent.shape)
+    batch = latent.shape[0] if latent.dim() == 5 else 1
+    return {
+        "kind": "bare latent", "file": str(path), "tensor": key, "shape": list(latent.shape), "dtype": dtype,
+        "finite": not problems, "videos": batch, "frames": size.frames, "width": size.width, "height": size.height,
+        "fps": str(fps), "seconds": round(float(size.frames / Fraction(fps)), 3), "problems": problems,
+    }  # fmt: skip
+
+
+def _read(path: Path, key: str | None) -> tuple[torch.Tensor, str, str | None]:
+    """A bare tensor as stored, its declared shape and dtype checked; every problem one ``InputError``."""
     if not path.is_file():
         raise InputError(f"latent file not found: {path}")
     suffix = path.suffix.lower()
@@ -106,13 +132,12 @@ def read_bare_latent(path: Path, key: str | None = None) -> BareLatent:
     if suffix not in readers:
         raise InputError(f"{path}: a bare latent is .safetensors, .pt, .pth, .npy or .npz")
     try:
-        latent, dtype, key = readers[suffix](path, key)
+        return readers[suffix](path, key)
     except InputError:
         raise
     except Exception as e:  # whatever a damaged or hostile file raises from deep in its reader
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise InputError(f"{path}: cannot be read as a {suffix} tensor ({e.__class__.__name__}: {first})") from None
-    return BareLatent(path, checked_latent(latent, str(path)), dtype, key)
 
 
 def checked_latent(latent: torch.Tensor, where: str) -> torch.Tensor:

@@ -24,12 +24,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ivvae_cli.bare_latent import (
+    BARE_SUFFIXES,
     DEFAULT_FPS,
     BareOptions,
     batch_outputs,
     check_channels,
     decoded_size,
-    is_ivvae_latent_file,
+    describe_bare_latent,
+    is_bare_latent,
     parse_frame_size,
     read_bare_latent,
 )
@@ -391,13 +393,12 @@ def decode(
     with _errors(quiet):
         write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
-        if input.is_dir() or glob.has_magic(str(input)):
-            model_options = (weights, model, device, dtype, quiet)
-            _decode_many(str(input), output, ext, model_options, memory, write, force, quiet, json_path, strict)
-            return
         bare = BareOptions(_fraction(fps, "--fps") or DEFAULT_FPS, latent_space, size and parse_frame_size(size), key)
-        if not is_ivvae_latent_file(input):
-            model_options = (weights, model, device, dtype, quiet)
+        model_options = (weights, model, device, dtype, quiet)
+        if input.is_dir() or glob.has_magic(str(input)):
+            _decode_many(str(input), output, ext, bare, model_options, memory, write, force, quiet, json_path, strict)
+            return
+        if is_bare_latent(input):
             _decode_bare(input, output, bare, model_options, memory, write, force, quiet, json_path)
             return
         if fps is not None or size is not None or key is not None or latent_space != "scaled":
@@ -448,10 +449,31 @@ def _decode_bare(
              "size": [size.width, size.height], "fps": str(options.fps)}, json_path)  # fmt: skip
 
 
+def _decode_bare_into(
+    path: Path,
+    target: Path,
+    folder: Path,
+    options: BareOptions,
+    loaded: LoadedModel,
+    memory: MemoryOptions,
+    write: WriteOptions,
+    force: bool,
+    progress: Callable[[int], None],
+) -> list[Path]:
+    """One bare tensor of a folder decode, its batch's videos placed under ``folder`` too."""
+    data = read_bare_latent(path, options.key)
+    check_channels(data.latent, loaded, str(path))
+    for item in batch_outputs(target, data.latent.shape[0]):
+        place_under(folder, item.relative_to(folder).as_posix())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return decode_tensor(data.latent, target, loaded, options, write, memory=memory, progress=progress, force=force)
+
+
 def _decode_many(
     spec: str,
     folder: Path,
     ext: str,
+    bare: BareOptions,
     model_options: tuple,
     memory: MemoryOptions,
     write: WriteOptions,
@@ -460,10 +482,10 @@ def _decode_many(
     json_path: Path | None,
     strict: bool,
 ) -> None:
-    """Every latent file of a folder or glob into ``folder``, mirroring their paths; a file that
-    fails, or whose mirrored path cannot be placed safely under ``folder``, is reported and the rest
-    go on."""
-    files = find_latent_files(spec)
+    """Every latent file (or bare tensor) of a folder or glob into ``folder``, mirroring their
+    paths; a file that fails, or whose mirrored path cannot be placed safely under ``folder``, is
+    reported and the rest go on."""
+    files = find_latent_files(spec, (".latent", *BARE_SUFFIXES))
     if not files:
         raise InputError(f"no latent files in {spec}")
     if folder.exists() and not folder.is_dir():
@@ -489,14 +511,18 @@ def _decode_many(
     if existing and not force:
         raise OutputError(f"{len(existing)} outputs exist, e.g. {existing[0]} (use --force to overwrite)")
     check_writable(folder if folder.is_dir() else folder.parent)
-    first = read_latent_header(files[0][0])
+    first = next((read_latent_header(path) for path, _ in targets if not is_bare_latent(path)), None)
     weights, model, *rest = model_options
-    loaded = _load(weights, model or first.model, *rest)
+    loaded = _load(weights, model or (first and first.model), *rest)
     folder.mkdir(exist_ok=True)
     written = []
     with _progress(f"decode {len(files)} files", None, quiet) as progress:
         for path, target in targets:
             try:
+                if is_bare_latent(path):
+                    videos = _decode_bare_into(path, target, folder, bare, loaded, memory, write, force, progress)
+                    written += [str(video) for video in videos]
+                    continue
                 data = read_latent_file(path, strict=strict)
                 check_model_matches(data, loaded, str(path))
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -766,14 +792,23 @@ def demo(
 
 @app.command()
 def info(
-    file: Annotated[Path, typer.Argument(help="A latent file or a video.")],
+    file: Annotated[Path, typer.Argument(help="A latent file, a bare latent tensor or a video.")],
+    fps: Annotated[
+        str | None, typer.Option(help=f"Bare tensors: the rate its seconds are given at (default {DEFAULT_FPS}).")
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="Bare tensors: the tensor's name in a file of several.")] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Show what a latent file (or a video) holds; of a damaged latent file, what could be read and
-    what is wrong with it (exit code 3)."""
+    """Show what a latent file, a bare latent tensor (or a video) holds; of a damaged latent file,
+    what could be read and what is wrong with it (exit code 3)."""
     with _errors():
         _input_file(file)
-        report = describe_latent_file(file) if looks_like_latent_file(file) else describe_video(file)
+        if is_bare_latent(file):
+            report = describe_bare_latent(file, key, _fraction(fps, "--fps") or DEFAULT_FPS)
+        elif looks_like_latent_file(file):
+            report = describe_latent_file(file)
+        else:
+            report = describe_video(file)
         problems = report.pop("problems", [])
         if json_path is None:
             table = Table(show_header=False, title=escape(str(file)))
@@ -782,7 +817,9 @@ def info(
             for problem in problems:
                 table.add_row(Text("problem", style="bold red"), Text(problem))
             Console().print(table)
-        _report(report | ({"problems": problems} if report["kind"] == "latent" else {}), json_path)
+        _report(report | ({"problems": problems} if report["kind"] != "video" else {}), json_path)
+        if problems and report["kind"] == "bare latent":
+            raise InputError(problems[0])
         if problems:
             more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
             raise InputError(f"{file} is not a valid latent file: {problems[0]}{more}")

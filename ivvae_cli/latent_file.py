@@ -520,13 +520,15 @@ def glob_root(pattern: str) -> Path:
     return fixed if fixed.is_dir() else fixed.parent
 
 
-def find_latent_files(spec: str | Path) -> list[tuple[Path, Path]]:
-    """The latent files (``*.latent``, ``*.safetensors``) under a folder, recursively, or matching a
+def find_latent_files(
+    spec: str | Path, suffixes: tuple[str, ...] = (".latent", ".safetensors")
+) -> list[tuple[Path, Path]]:
+    """The latent files (named with one of ``suffixes``) under a folder, recursively, or matching a
     glob pattern: ``(path, path relative to the folder or the pattern's fixed part)``, sorted."""
     text = str(spec)
     if Path(text).is_dir():
         root = Path(text)
-        paths = [p for p in root.rglob("*") if p.suffix in (".latent", ".safetensors") and p.is_file()]
+        paths = [p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
     else:
         root = glob_root(text)
         paths = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]

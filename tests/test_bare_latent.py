@@ -163,3 +163,42 @@ def test_every_bad_tensor_is_one_line_and_writes_nothing(tmp_path, encoded, chec
     assert code == 3 and "--size 50x44 does not fit a latent of 8x6, which decodes to 64x48" in err, err
     code, _, err = ivvae("decode", latent_file, tmp_path / "out.mp4", "-w", checkpoint, "--fps", "30")
     assert code == 3 and "--fps, --size, --key and --latent-space are for bare tensors" in err, err
+
+
+@pytest.mark.e2e
+def test_a_folder_of_bare_tensors_and_latent_files_with_one_model_load(tmp_path, encoded, checkpoint):
+    latent_file, latent, reference = encoded
+    generated = tmp_path / "generated"
+    (generated / "sub").mkdir(parents=True)
+    torch.save(torch.cat([latent, latent.flip(-1)]), generated / "batch.pt")
+    np.save(generated / "sub" / "one.npy", latent[0].numpy())
+    (generated / "clip.latent").write_bytes(latent_file.read_bytes())
+    (generated / "notes.txt").write_text("not a latent")
+    code, _, err = ivvae("decode", generated, tmp_path / "videos", "-w", checkpoint, "--ext", "mkv", "--lossless")
+    assert code == 0 and err.count("model ") == 1, err
+    videos = tmp_path / "videos"
+    assert sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mkv")) == [
+        "batch_0.mkv",
+        "batch_1.mkv",
+        "clip.mkv",
+        "sub/one.mkv",
+    ]
+    for name in ("batch_0.mkv", "clip.mkv", "sub/one.mkv"):
+        assert np.array_equal(frames_of(videos / name), frames_of(reference)), name
+
+
+def test_info_of_a_bare_tensor(tmp_path, encoded):
+    _, latent, _ = encoded
+    torch.save(torch.cat([latent, latent]).half(), tmp_path / "gen.pt")
+    code, report, err = ivvae("info", tmp_path / "gen.pt", "--fps", "25", "--json", "-")
+    assert code == 0, err
+    report = json.loads(report)
+    assert report["shape"] == [2, 16, 3, 6, 8] and report["dtype"] == "float16" and report["finite"] is True
+    assert (report["videos"], report["frames"], report["width"], report["height"]) == (2, 9, 64, 48)
+    assert report["seconds"] == 0.36 and report["problems"] == []
+    bad = latent.clone()
+    bad[0, 0, 0, 0, 0] = float("inf")
+    np.savez(tmp_path / "bad.npz", latents=bad.numpy(), steps=np.arange(3))
+    code, report, err = ivvae("info", tmp_path / "bad.npz", "--key", "latents", "--json", "-")
+    assert code == 3 and json.loads(report)["finite"] is False and "1 NaN or infinite value(s)" in err, err
+    assert len(err.strip().splitlines()) == 1
