@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
@@ -394,12 +395,12 @@ def decode(
         write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         bare = BareOptions(_fraction(fps, "--fps") or DEFAULT_FPS, latent_space, size and parse_frame_size(size), key)
-        model_options = (weights, model, device, dtype, quiet)
+        run = _Decoding(weights, model, device, dtype, memory, write, bare, force, quiet, json_path, strict)
         if input.is_dir() or glob.has_magic(str(input)):
-            _decode_many(str(input), output, ext, bare, model_options, memory, write, force, quiet, json_path, strict)
+            _decode_many(str(input), output, ext, run)
             return
         if is_bare_latent(input):
-            _decode_bare(input, output, bare, model_options, memory, write, force, quiet, json_path)
+            _decode_bare(input, output, run)
             return
         if fps is not None or size is not None or key is not None or latent_space != "scaled":
             raise InputError(
@@ -419,69 +420,66 @@ def decode(
                 json_path)  # fmt: skip
 
 
-def _decode_bare(
-    input: Path,
-    output: Path,
-    options: BareOptions,
-    model_options: tuple,
-    memory: MemoryOptions,
-    write: WriteOptions,
-    force: bool,
-    quiet: bool,
-    json_path: Path | None,
-) -> None:
+@dataclass(frozen=True)
+class _Decoding:
+    """What ``decode`` does with whatever it is given: one file, a bare tensor, a folder."""
+
+    weights: Path | None
+    model: str | None
+    device: str
+    dtype: str
+    memory: MemoryOptions
+    write: WriteOptions
+    bare: BareOptions
+    force: bool
+    quiet: bool
+    json_path: Path | None
+    strict: bool
+
+    def load(self, recorded: str | None = None) -> LoadedModel:
+        """The model asked for, else the one a latent file records, else the default."""
+        return _load(self.weights, self.model or recorded, self.device, self.dtype, self.quiet)
+
+    def tensor(
+        self, latent: torch.Tensor, output: Path, loaded: LoadedModel, progress: Callable[[int], None]
+    ) -> list[Path]:
+        """A bare tensor's videos, as ``decode_tensor`` writes them with these settings."""
+        return decode_tensor(
+            latent, output, loaded, self.bare, self.write, memory=self.memory, progress=progress, force=self.force
+        )
+
+
+def _decode_bare(input: Path, output: Path, run: _Decoding) -> None:
     """A bare latent tensor into a video per batch item, everything checked before the model loads."""
-    bare = read_bare_latent(input, options.key)
-    size = decoded_size(bare.latent.shape, options.size)
+    bare = read_bare_latent(input, run.bare.key)
+    size = decoded_size(bare.latent.shape, run.bare.size)
     outputs = batch_outputs(output, bare.latent.shape[0])
     for path in outputs:
-        check_output(path, force)
-    _explain(write.format(outputs[0], size.width, size.height, Colour(), 8), quiet)
-    loaded = _load(*model_options)
+        check_output(path, run.force)
+    _explain(run.write.format(outputs[0], size.width, size.height, Colour(), 8), run.quiet)
+    loaded = run.load()
     check_channels(bare.latent, loaded, str(input))
-    with _progress("decode", size.frames * len(outputs), quiet) as progress:
-        written = decode_tensor(
-            bare.latent, output, loaded, options, write, memory=memory, progress=progress, force=force
-        )
-    if not quiet:
+    with _progress("decode", size.frames * len(outputs), run.quiet) as progress:
+        written = run.tensor(bare.latent, output, loaded, progress)
+    if not run.quiet:
         stderr.print(f"wrote {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
     _report({"input": str(input), "outputs": [str(p) for p in written], "frames": size.frames,
-             "size": [size.width, size.height], "fps": str(options.fps)}, json_path)  # fmt: skip
+             "size": [size.width, size.height], "fps": str(run.bare.fps)}, run.json_path)  # fmt: skip
 
 
 def _decode_bare_into(
-    path: Path,
-    target: Path,
-    folder: Path,
-    options: BareOptions,
-    loaded: LoadedModel,
-    memory: MemoryOptions,
-    write: WriteOptions,
-    force: bool,
-    progress: Callable[[int], None],
+    path: Path, target: Path, folder: Path, run: _Decoding, loaded: LoadedModel, progress: Progress
 ) -> list[Path]:
     """One bare tensor of a folder decode, its batch's videos placed under ``folder`` too."""
-    data = read_bare_latent(path, options.key)
+    data = read_bare_latent(path, run.bare.key)
     check_channels(data.latent, loaded, str(path))
     for item in batch_outputs(target, data.latent.shape[0]):
         place_under(folder, item.relative_to(folder).as_posix())
     target.parent.mkdir(parents=True, exist_ok=True)
-    return decode_tensor(data.latent, target, loaded, options, write, memory=memory, progress=progress, force=force)
+    return run.tensor(data.latent, target, loaded, progress)
 
 
-def _decode_many(
-    spec: str,
-    folder: Path,
-    ext: str,
-    bare: BareOptions,
-    model_options: tuple,
-    memory: MemoryOptions,
-    write: WriteOptions,
-    force: bool,
-    quiet: bool,
-    json_path: Path | None,
-    strict: bool,
-) -> None:
+def _decode_many(spec: str, folder: Path, ext: str, run: _Decoding) -> None:
     """Every latent file (or bare tensor) of a folder or glob into ``folder``, mirroring their
     paths; a file that fails, or whose mirrored path cannot be placed safely under ``folder``, is
     reported and the rest go on."""
@@ -508,35 +506,33 @@ def _decode_many(
     if not targets:
         raise OutputError(f"none of the {len(files)} latent files can be placed under {folder}")
     existing = [t for _, t in targets if t.exists()]
-    if existing and not force:
+    if existing and not run.force:
         raise OutputError(f"{len(existing)} outputs exist, e.g. {existing[0]} (use --force to overwrite)")
     check_writable(folder if folder.is_dir() else folder.parent)
     first = next((read_latent_header(path) for path, _ in targets if not is_bare_latent(path)), None)
-    weights, model, *rest = model_options
-    loaded = _load(weights, model or (first and first.model), *rest)
+    loaded = run.load(first and first.model)
     folder.mkdir(exist_ok=True)
     written = []
-    with _progress(f"decode {len(files)} files", None, quiet) as progress:
+    with _progress(f"decode {len(files)} files", None, run.quiet) as progress:
         for path, target in targets:
             try:
                 if is_bare_latent(path):
-                    videos = _decode_bare_into(path, target, folder, bare, loaded, memory, write, force, progress)
-                    written += [str(video) for video in videos]
+                    written += [str(video) for video in _decode_bare_into(path, target, folder, run, loaded, progress)]
                     continue
-                data = read_latent_file(path, strict=strict)
+                data = read_latent_file(path, strict=run.strict)
                 check_model_matches(data, loaded, str(path))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_output(target, force) as tmp:
-                    decode_latent(data, tmp, loaded, write, memory=memory, progress=progress)
+                with atomic_output(target, run.force) as tmp:
+                    decode_latent(data, tmp, loaded, run.write, memory=run.memory, progress=progress)
                 written.append(str(target))
             except WriteError:  # the disk, not the file: every later write would fail too
                 raise
             except IvvaeError as e:
                 failures.append({"input": str(path), "reason": str(e)})
                 stderr.print(f"[red]failed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-    if not quiet:
+    if not run.quiet:
         stderr.print(f"wrote {len(written)} videos into {folder}", highlight=False)
-    _report({"inputs": len(files), "written": written, "failed": failures}, json_path)
+    _report({"inputs": len(files), "written": written, "failed": failures}, run.json_path)
     if failures:
         raise InputError(f"{len(failures)} of {len(files)} latent files failed")
 
