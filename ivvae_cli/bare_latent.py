@@ -41,8 +41,6 @@ class BareLatent:
 
     path: Path
     latent: torch.Tensor
-    stored_dtype: str
-    key: str | None  # the tensor's name in its file, where it has one
 
 
 @dataclass(frozen=True)
@@ -101,8 +99,8 @@ def is_bare_latent(path: Path) -> bool:
 
 def read_bare_latent(path: Path, key: str | None = None) -> BareLatent:
     """Read and check a bare latent tensor; every problem is one ``InputError``."""
-    latent, dtype, key = _read(path, key)
-    return BareLatent(path, checked_latent(latent, str(path)), dtype, key)
+    latent, _, _ = _read(path, key)
+    return BareLatent(path, checked_latent(latent, str(path)))
 
 
 def describe_bare_latent(path: Path, key: str | None = None, fps: Fraction = DEFAULT_FPS) -> dict:

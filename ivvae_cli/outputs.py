@@ -69,15 +69,13 @@ def check_writable(folder: Path) -> None:
     probe = folder / ".ivvae.probe"  # one name: what a killed process left, the next probe removes
     try:
         descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(descriptor, b"\0")
+        finally:
+            os.close(descriptor)
+            probe.unlink(missing_ok=True)  # processes started together probe alike
     except OSError as e:
         raise write_error(e, folder) or OutputError(f"cannot write in {folder}: {e.strerror or e}") from None
-    try:
-        os.write(descriptor, b"\0")
-    except OSError as e:
-        raise write_error(e, folder) or OutputError(f"cannot write in {folder}: {e.strerror or e}") from None
-    finally:
-        os.close(descriptor)
-        probe.unlink(missing_ok=True)  # processes started together probe alike
 
 
 def write_error(error: OSError, path: Path | str | None = None) -> WriteError | None:
