@@ -1,0 +1,31 @@
+"""Latent datasets: a video collection in, one latent file per clip and an index out, on as many
+processes as there are devices; and a torch ``Dataset`` that reads them back for training.
+
+The work list is the sorted sources (manifest rows, or the videos of a folder or glob). Process
+``rank`` of ``world`` takes sources ``rank, rank + world, ...`` (torchrun's ``RANK``/``WORLD_SIZE``/
+``LOCAL_RANK``, else SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``), so no process
+ever waits on another. Every clip is written atomically, and a source is done when its record (the
+index rows of its clips) is written, also atomically; a failed source leaves an error record
+instead, which a later success removes. So a stopped job resumes where it stopped with any number
+of processes, and whichever process finds every source accounted for writes the index.
+
+Decoding, resizing and cropping run in worker processes (a torch ``DataLoader``) that hand the
+model uint8 frames a piece at a time, so decoding overlaps the model and memory stays bounded
+whatever the videos' lengths.
+
+One module per stage: ``sources`` (the work list), ``clips`` (cutting clips), ``messages`` (what
+the decoding workers hand the model), ``decoding`` (the workers), ``store`` (where outputs go),
+``job`` (this process's share), ``reading`` (``LatentDataset``).
+"""
+
+from ivvae_cli.dataset.clips import ClipOptions, Geometry, clip_name, clip_pieces, parse_buckets
+from ivvae_cli.dataset.job import Tally, clip_seed, encode_dataset
+from ivvae_cli.dataset.reading import LatentDataset
+from ivvae_cli.dataset.sources import Columns, Source, World, read_sources
+from ivvae_cli.dataset.store import DamagedSpecError, JobSpec, check_folder, merge_index, prepare_folder
+
+__all__ = [
+    "ClipOptions", "Columns", "DamagedSpecError", "Geometry", "JobSpec", "LatentDataset", "Source", "Tally",
+    "World", "check_folder", "clip_name", "clip_pieces", "clip_seed", "encode_dataset", "merge_index",
+    "parse_buckets", "prepare_folder", "read_sources",
+]  # fmt: skip
