@@ -221,12 +221,16 @@ def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[
         yield lambda n: bar.advance(task, n)
 
 
+def _size(text: str, option: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise IvvaeError(f"{option}: {e}") from None
+
+
 def _memory(max_memory: str | None, tile: int | None, overlap: int | None, groups: int | None) -> MemoryOptions:
     """The memory options every command that runs the model takes alike, checked before any loading."""
-    try:
-        budget = parse_size(max_memory) if max_memory is not None else None
-    except ValueError as e:
-        raise IvvaeError(str(e)) from None
+    budget = _size(max_memory, "--max-memory") if max_memory is not None else None
     if tile is not None and overlap is not None and overlap >= tile:
         raise IvvaeError(f"--tile-overlap ({overlap}) must be smaller than --tile-size ({tile})")
     return MemoryOptions(budget, tile, overlap, groups)
@@ -936,6 +940,10 @@ def dataset_encode(
     ] = None,
     posterior: Annotated[str, typer.Option(help="mean, sample, or both (mean and log variance stored).")] = "mean",
     seed: Annotated[int, typer.Option(help="With --posterior sample: the seed of every clip's noise.")] = 0,
+    layout: Annotated[
+        str, typer.Option(help="files: a latent file per clip; shards: tar files (WebDataset) with an index.")
+    ] = "files",
+    shard_size: Annotated[str, typer.Option(help="--layout shards: bytes a shard holds, e.g. 1GB or 256MB.")] = "1GB",
     path_column: Annotated[str, typer.Option(help="Manifest column of video paths.")] = "path",
     id_column: Annotated[str, typer.Option(help="Manifest column of clip ids.")] = "id",
     start_column: Annotated[str, typer.Option(help="Manifest column where a span starts.")] = "start",
@@ -971,6 +979,7 @@ def dataset_encode(
             target_fps=_fraction(target_fps, "--target-fps"), short_side=short_side,
             buckets=dataset.parse_buckets(buckets) if buckets else (), posterior=posterior, seed=seed,
         )  # fmt: skip
+        storage = dataset.Storage(layout, _size(shard_size, "--shard-size"))
         share = world.share(len(sources))
         talk = not quiet and world.local_rank == 0
         if not share:
@@ -984,7 +993,7 @@ def dataset_encode(
         with FolderLock(out, world.launch):  # before the model loads: a busy folder is said at once
             loaded = _load(weights, model, device, dtype, not talk)
             where = source if glob.has_magic(source) else str(Path(source).absolute())
-            spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint)
+            spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint, storage)
             dataset.prepare_folder(out, spec, overwrite)
             with _dataset_progress(world, len(share), talk, 0 if quiet else log_every) as progress:
                 tally, merged = dataset.encode_dataset(
@@ -1024,7 +1033,8 @@ def dataset_merge(
 def _index_line(out: Path, counts: dict) -> str:
     line = (
         f"index: {counts['clips']} clips in {out / 'index.jsonl'}; {counts['sources_failed']} sources failed "
-        f"(errors.jsonl), {counts['sources_skipped']} too short, {counts['sources_warned']} with warnings (records/)"
+        f"(errors.jsonl), {counts['sources_skipped']} too short, "
+        f"{counts['sources_warned']} with warnings (in their records)"
     )
     return line + (f", {counts['sources_pending']} not done yet" if counts["sources_pending"] else "")
 

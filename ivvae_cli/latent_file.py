@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save, save_file
 
 from ivvae_cli.colour import MATRICES, PRIMARIES, RANGES, TRANSFERS, Colour, written_colour
 from ivvae_cli.errors import InputError, IvvaeWarning
@@ -257,8 +257,7 @@ class LatentFile:
     logvar: torch.Tensor | None = None
 
 
-def write_latent_file(path: Path, data: LatentFile) -> None:
-    """Write ``data`` to ``path`` (callers write to a temporary path, see ``ivvae_cli.outputs``)."""
+def _tensors(data: LatentFile) -> dict[str, torch.Tensor]:
     tensors = {
         "latent": data.latent.detach().to("cpu").contiguous(),
         "frame_pts": torch.from_numpy(np.asarray(data.frame_pts, dtype=np.int64)),
@@ -267,13 +266,23 @@ def write_latent_file(path: Path, data: LatentFile) -> None:
         tensors["audio"] = torch.frombuffer(bytearray(data.audio), dtype=torch.uint8)
     if data.logvar is not None:
         tensors["logvar"] = data.logvar.detach().to("cpu").contiguous()
+    return tensors
+
+
+def write_latent_file(path: Path, data: LatentFile) -> None:
+    """Write ``data`` to ``path`` (callers write to a temporary path, see ``ivvae_cli.outputs``)."""
     try:
-        save_file(tensors, str(path), metadata=data.header.to_metadata())
+        save_file(_tensors(data), str(path), metadata=data.header.to_metadata())
     except SafetensorError as e:  # its I/O errors, e.g. a full disk, as Python's own
         code = re.search(r"os error (\d+)", str(e))
         if code is None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+
+
+def latent_file_bytes(data: LatentFile) -> bytes:
+    """``data`` as the bytes of a latent file (a member of a tar shard)."""
+    return save(_tensors(data), metadata=data.header.to_metadata())
 
 
 @dataclass
@@ -299,6 +308,50 @@ def inspect_latent_file(path: str | Path) -> LatentReport:
         with safe_open(str(path), "pt") as f:
             _inspect(f, report)
     except (SafetensorError, OSError) as e:
+        report.problems.append(_not_safetensors(e))
+    return report
+
+
+class _LatentBytes:
+    """A latent file held in memory, read as ``safe_open`` reads one on disk: the header's metadata,
+    each tensor's dtype and shape, then the tensors."""
+
+    def __init__(self, data: bytes):
+        self.tensors = load(data)  # checks the whole layout (offsets within the bytes) first
+        size = int.from_bytes(data[:8], "little")
+        self.header = json.loads(data[8 : 8 + size])
+
+    def metadata(self) -> dict[str, str]:
+        return self.header.get("__metadata__") or {}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get_slice(self, name: str) -> _Declared:
+        return _Declared(self.header[name]["dtype"], list(self.tensors[name].shape))
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+@dataclass(frozen=True)
+class _Declared:
+    dtype: str
+    shape: list[int]
+
+    def get_dtype(self) -> str:
+        return self.dtype
+
+    def get_shape(self) -> list[int]:
+        return self.shape
+
+
+def inspect_latent_bytes(data: bytes, name: str) -> LatentReport:
+    """``inspect_latent_file`` of a latent file's bytes (``name`` says where they came from)."""
+    report = LatentReport(Path(name))
+    try:
+        _inspect(_LatentBytes(data), report)
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
         report.problems.append(_not_safetensors(e))
     return report
 
@@ -442,7 +495,15 @@ def read_latent_file(path: str | Path, *, strict: bool = False) -> LatentFile:
     """Read and check a latent file; every problem is an ``InputError`` saying what is wrong (all of
     them: ``inspect_latent_file``). Audio that cannot be read is left out with an ``IvvaeWarning``
     (the pictures are the user's data), or, ``strict``, refused."""
-    report = inspect_latent_file(path)
+    return _checked(inspect_latent_file(path), strict)
+
+
+def read_latent_bytes(data: bytes, name: str, *, strict: bool = False) -> LatentFile:
+    """``read_latent_file`` of a latent file's bytes (a clip in a tar shard; ``name`` says which)."""
+    return _checked(inspect_latent_bytes(data, name), strict)
+
+
+def _checked(report: LatentReport, strict: bool) -> LatentFile:
     if report.problems:
         raise _refusal(report.path, report.problems)
     if report.audio_problem:
@@ -450,7 +511,7 @@ def read_latent_file(path: str | Path, *, strict: bool = False) -> LatentFile:
             raise InputError(f"{report.path}: its audio cannot be read ({report.audio_problem}); --strict refuses it")
         warnings.warn(
             IvvaeWarning(f"{report.path}: its audio cannot be read ({report.audio_problem}); leaving it out"),
-            stacklevel=2,
+            stacklevel=3,
         )
     assert report.data is not None
     return report.data

@@ -30,7 +30,7 @@ from ivvae_cli.dataset import (
     read_sources,
 )
 from ivvae_cli.errors import InputError, IvvaeError
-from ivvae_cli.latent_file import read_latent_file
+from ivvae_cli.latent_file import read_latent_bytes, read_latent_file
 from ivvae_cli.video import read_frames
 
 from .conftest import VIDEOS
@@ -277,32 +277,111 @@ def straight(tmp_path_factory, long_clips, checkpoint) -> Path:
     return out
 
 
+def located(rows: list[dict]) -> list[dict]:
+    """Index rows less where their clip is kept (a layout's own), and the seconds each took."""
+    where = ("latent", "shard", "member", "offset", "length", "seconds")
+    return [{k: v for k, v in row.items() if k not in where} for row in rows]
+
+
+def closed_shards(out: Path) -> list[Path]:
+    return sorted((out / "shards").glob("*.tar")) if (out / "shards").is_dir() else []
+
+
+SHARDS = ["--layout", "shards", "--shard-size", "40KB"]  # two or three of these clips a shard
+
+
 @pytest.mark.e2e
+@pytest.mark.parametrize("layout", ["files", "shards"])
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_a_run_stopped_midway_resumes_to_what_an_unstopped_run_gives(tmp_path, long_clips, checkpoint, straight, how):
+def test_a_run_stopped_midway_resumes_to_what_an_unstopped_run_gives(
+    tmp_path, long_clips, checkpoint, straight, how, layout
+):
     args = ["dataset", "encode", str(long_clips), "-w", str(checkpoint), *CHUNKS]
+    args += SHARDS if layout == "shards" else []
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "ivvae_cli", *args[:3], str(out), *args[3:], "--workers", "1"],
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
-    while len(list(out.rglob("*.latent"))) < 3 and time.time() < deadline and proc.poll() is None:
+
+    def kept() -> int:
+        return len(list(out.rglob("*.latent"))) if layout == "files" else 2 * len(closed_shards(out))
+
+    while kept() < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(how)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == (130 if how == signal.SIGTERM else -signal.SIGKILL), err
     if how == signal.SIGTERM:  # stopped by ivvae itself: cleanly (a SIGKILLed process leaves its workers to die)
         assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
-    written = len(list(out.rglob("*.latent")))
-    assert 0 < written < len(index(straight)), "stopped too late to test resuming"
+    assert 0 < kept() < 2 * len(index(straight)), "stopped too late to test resuming"
+    if layout == "shards" and how == signal.SIGKILL:  # the open shard, cut short: never read, encoded again
+        assert list((out / "shards").glob("*.partial"))
     # Resumed by two processes one after the other (another world size), as a scheduler might.
     for rank in (1, 0):
         env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
         assert ivvae(*args[:3], out, *args[3:], env=env)[0] == 0
-    assert index(out) == index(straight)
-    for row in index(out):
-        a, b = (read_latent_file(folder / row["latent"]) for folder in (out, straight))
-        assert torch.equal(a.latent, b.latent) and np.array_equal(a.frame_pts, b.frame_pts)
+    assert located(index(out)) == located(index(straight))
+    for a, b in zip(LatentDataset(out), LatentDataset(straight), strict=True):
+        assert torch.equal(a["latent"], b["latent"])
+    if layout == "files":
+        for row in index(out):
+            a, b = (read_latent_file(folder / row["latent"]) for folder in (out, straight))
+            assert torch.equal(a.latent, b.latent) and np.array_equal(a.frame_pts, b.frame_pts)
     assert partials(out) == []
+
+
+@pytest.mark.e2e
+def test_shards_hold_what_the_files_layout_holds_and_webdataset_reads_them(tmp_path, long_clips, checkpoint, straight):
+    out = tmp_path / "shards"
+    assert ivvae("dataset", "encode", long_clips, out, "-w", checkpoint, *CHUNKS, *SHARDS)[0] == 0
+    assert not (out / "latents").exists() and not (out / "records").exists()
+    assert len(closed_shards(out)) > 3 and partials(out) == []
+    rows = index(out)
+    assert located(rows) == located(index(straight))
+    for a, b in zip(LatentDataset(out), LatentDataset(straight), strict=True):
+        assert torch.equal(a["latent"], b["latent"]) and located([a["metadata"]]) == located([b["metadata"]])
+
+    def same(data: bytes, row: dict) -> bool:
+        """A latent file's bytes hold what the files layout's latent file of the clip holds."""
+        ours, theirs = read_latent_bytes(data, row["key"]), read_latent_file(straight / f"latents/{row['key']}.latent")
+        clip = lambda header: {k: v for k, v in header.clip.items() if k != "seconds"}  # noqa: E731
+        return (
+            torch.equal(ours.latent, theirs.latent) and np.array_equal(ours.frame_pts, theirs.frame_pts)
+            and clip(ours.header) == clip(theirs.header)
+        )  # fmt: skip
+
+    for row in rows:  # a latent file at the offset the index gives
+        with (out / row["shard"]).open("rb") as f:
+            f.seek(row["offset"])
+            assert same(f.read(row["length"]), row)
+
+    import webdataset as wds
+
+    by_key = {row["member"].removesuffix(".latent"): row for row in rows}
+    seen = []
+    for sample in wds.WebDataset([str(p) for p in closed_shards(out)], shardshuffle=False):
+        row = by_key[sample["__key__"]]
+        assert same(sample["latent"], row) and located([json.loads(sample["json"])]) == located([row])
+        seen.append(sample["__key__"])
+    assert sorted(seen) == sorted(by_key)
+
+
+@pytest.mark.e2e
+def test_a_shard_cut_short_is_never_read_and_its_clips_are_encoded_again(tmp_path, few_clips, checkpoint):
+    out = tmp_path / "out"
+    args = ["dataset", "encode", few_clips, out, "-w", checkpoint, "-q", "--frames", "5", *SHARDS]
+    assert ivvae(*args)[0] == 0
+    before = located(index(out))
+    torn = closed_shards(out)[0]
+    torn.write_bytes(torn.read_bytes()[:-3000])  # a crash on a network filesystem
+    lost = {row["source"] for row in index(out) if row["shard"] == f"shards/{torn.name}"}  # some listed elsewhere
+    assert lost
+    code, _, err = ivvae("dataset", "merge", out)
+    assert code == 0 and f"{len(lost)} not done yet" in err, err
+    assert not any(row["shard"] == f"shards/{torn.name}" for row in index(out))
+    assert ivvae(*args)[0] == 0  # those sources again, into a new shard
+    assert located(index(out)) == before
+    assert not any(row["shard"] == f"shards/{torn.name}" for row in index(out))
 
 
 @pytest.mark.e2e

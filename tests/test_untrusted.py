@@ -325,7 +325,7 @@ def test_a_dataset_keeps_each_sources_warnings_in_its_record(tmp_path, checkpoin
     out = tmp_path / "out"
     code, _, err = ivvae("dataset", "encode", tmp_path / "videos", out, "-w", checkpoint, "--frames", "5")
     assert code == 0 and "warning" not in err.lower().replace("1 with warnings", ""), err
-    assert "1 with warnings (records/)" in err
+    assert "1 with warnings (in their records)" in err
     record = json.loads((out / "records" / "same.mkv.json").read_text())
     assert len(record["warnings"]) == 1 and "declared rate, 25 fps" in record["warnings"][0]
     assert len(record["rows"]) == 1

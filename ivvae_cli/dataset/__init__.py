@@ -14,18 +14,39 @@ model uint8 frames a piece at a time, so decoding overlaps the model and memory 
 whatever the videos' lengths.
 
 One module per stage: ``sources`` (the work list), ``clips`` (cutting clips), ``messages`` (what
-the decoding workers hand the model), ``decoding`` (the workers), ``store`` (where outputs go),
-``job`` (this process's share), ``reading`` (``LatentDataset``).
+the decoding workers hand the model), ``decoding`` (the workers), ``spec`` (what a job is),
+``store`` and ``shards`` (where outputs go, in either layout), ``job`` (this process's share),
+``reading`` (``LatentDataset``).
 """
 
 from ivvae_cli.dataset.clips import ClipOptions, Geometry, clip_name, clip_pieces, parse_buckets
 from ivvae_cli.dataset.job import Tally, clip_seed, encode_dataset
 from ivvae_cli.dataset.reading import LatentDataset
 from ivvae_cli.dataset.sources import Columns, Source, World, read_sources
-from ivvae_cli.dataset.store import DamagedSpecError, JobSpec, check_folder, merge_index, prepare_folder
+from ivvae_cli.dataset.spec import DamagedSpecError, JobSpec, Storage, check_folder, prepare_folder
+from ivvae_cli.dataset.store import SourceRecord, Store, merge_index, open_store
 
 __all__ = [
-    "ClipOptions", "Columns", "DamagedSpecError", "Geometry", "JobSpec", "LatentDataset", "Source", "Tally",
-    "World", "check_folder", "clip_name", "clip_pieces", "clip_seed", "encode_dataset", "merge_index",
-    "parse_buckets", "prepare_folder", "read_sources",
+    "ClipOptions",
+    "Columns",
+    "DamagedSpecError",
+    "Geometry",
+    "JobSpec",
+    "LatentDataset",
+    "Source",
+    "SourceRecord",
+    "Storage",
+    "Store",
+    "Tally",
+    "World",
+    "check_folder",
+    "clip_name",
+    "clip_pieces",
+    "clip_seed",
+    "encode_dataset",
+    "merge_index",
+    "open_store",
+    "parse_buckets",
+    "prepare_folder",
+    "read_sources",
 ]  # fmt: skip

@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ivvae_cli.dataset.clips import ClipOptions, Geometry, clip_name, clip_pieces
 from ivvae_cli.dataset.messages import ClipDone, FramePiece, Message, SourceEnd, SourceFacts, SourceFailed
 from ivvae_cli.dataset.sources import Source
-from ivvae_cli.dataset.store import Layout
+from ivvae_cli.dataset.store import FileLayout
 from ivvae_cli.errors import IvvaeError, IvvaeWarning
 from ivvae_cli.latent_file import (
     LatentHeader,
@@ -29,8 +29,10 @@ class _ClipReader(IterableDataset):
     """This process's sources decoded into clip pieces by DataLoader workers (worker w of n takes
     every n-th source), as ``messages`` for the model's process."""
 
-    def __init__(self, todo: list[tuple[int, Source]], options: ClipOptions, layout: Layout, fingerprint: str):
-        self.todo, self.options, self.layout, self.fingerprint = todo, options, layout, fingerprint
+    def __init__(
+        self, todo: list[tuple[int, Source]], options: ClipOptions, reusable: FileLayout | None, fingerprint: str
+    ):
+        self.todo, self.options, self.reusable, self.fingerprint = todo, options, reusable, fingerprint
 
     def __iter__(self) -> Iterator[Message]:
         worker = get_worker_info()
@@ -91,7 +93,9 @@ class _ClipReader(IterableDataset):
     def _existing(self, source: Source, name: str) -> LatentHeader | None:
         """The header of this clip's latent if an earlier run wrote it with the same settings (a
         resumed job)."""
-        path = self.layout.latent(source, name)
+        if self.reusable is None:
+            return None
+        path = self.reusable.latent(source, name)
         if not path.is_file():
             return None
         try:

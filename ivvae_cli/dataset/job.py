@@ -18,15 +18,14 @@ from torch.utils.data import DataLoader
 from ivvae_cli.dataset.decoding import _ClipReader, _quiet_worker
 from ivvae_cli.dataset.messages import ClipDone, FramePiece, Message, SourceEnd, reader_stops
 from ivvae_cli.dataset.sources import Source, World
-from ivvae_cli.dataset.store import JobSpec, Layout, _complete, _record, _sizes, _whole, _write_json, merge_index
+from ivvae_cli.dataset.spec import JobSpec
+from ivvae_cli.dataset.store import SourceRecord, Store, clip_key, merge_index, open_store
 from ivvae_cli.errors import IvvaeError, WriteError
 from ivvae_cli.latent_file import (
     LatentFile,
     LatentHeader,
-    write_latent_file,
 )
 from ivvae_cli.model import VideoSize
-from ivvae_cli.outputs import atomic_output
 from ivvae_cli.pipeline import MemoryOptions, encoded_fields
 from ivvae_cli.stream import StreamEncoder
 from ivvae_cli.weights import LoadedModel
@@ -90,38 +89,33 @@ def encode_dataset(
     Returns what it did, and the index's counts when it found every source accounted for and so
     wrote the index."""
     world = world or World()
-    layout = Layout(folder)
     share = [(i, sources[i]) for i in world.share(len(sources))]
     tally = Tally(sources=len(share))
-    todo = []
-    for i, source in share:
-        record = _record(layout, source, spec.fingerprint)
-        if record is not None and not _whole(layout, record):
-            record = None  # a clip it lists is gone or cut short: the source is done again
-        if record is None:
-            todo.append((i, source))
-        else:
-            tally.done += 1
-            tally.skipped += record.get("skipped") is not None
-    job = _Job(sources, layout, loaded, spec, memory or MemoryOptions(), max(1, workers), tally)
-    loader = DataLoader(
-        _ClipReader(todo, spec.options, layout, spec.fingerprint), batch_size=None, num_workers=workers,
-        pin_memory=job.device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker,
-    )  # fmt: skip
-    with _StopOnSigterm(), torch.inference_mode():
-        for message in loader if todo else ():
-            job.take(message)
-            if progress:
-                progress(tally)
-    merged = merge_index(folder, sources) if _complete(layout, sources) else None
+    with open_store(folder, spec, world.rank) as store:
+        done = store.records(source for _, source in share)
+        todo = [(i, source) for i, source in share if source.name not in done]
+        tally.done = len(done)
+        tally.skipped = sum(record.skipped is not None for record in done.values())
+        job = _Job(sources, store, loaded, spec, memory or MemoryOptions(), max(1, workers), tally)
+        loader = DataLoader(
+            _ClipReader(todo, spec.options, store.reusable(), spec.fingerprint), batch_size=None, num_workers=workers,
+            pin_memory=job.device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker,
+        )  # fmt: skip
+        with _StopOnSigterm(), torch.inference_mode():
+            for message in loader if todo else ():
+                job.take(message)
+                if progress:
+                    progress(tally)
+    merged = merge_index(folder, sources) if store.accounted(sources) else None
     return tally, merged
 
 
 class _Job:
     """The model's side of ``encode_dataset``: one stream per clip in flight, written when it ends."""
 
-    def __init__(self, sources, layout, loaded, spec, memory, streams, tally):
-        self.sources, self.layout, self.loaded, self.spec = sources, layout, loaded, spec
+    def __init__(self, sources: list[Source], store: Store, loaded: LoadedModel, spec: JobSpec,
+                 memory: MemoryOptions, streams: int, tally: Tally):  # fmt: skip
+        self.sources, self.store, self.loaded, self.spec = sources, store, loaded, spec
         self.memory, self.streams, self.tally = memory, streams, tally
         self.open: dict[tuple[int, str], _OpenStream] = {}
         self.rows: dict[int, list[dict]] = {}
@@ -139,16 +133,12 @@ class _Job:
             if isinstance(message, FramePiece):
                 self._piece(index, source, message)
             elif isinstance(message, ClipDone):
-                path = self.layout.latent(source, message.name)
-                self.rows.setdefault(index, []).append(_row(source, message.header, path, self.layout))
+                where = self.store.existing(source, message.name)
+                self.rows.setdefault(index, []).append(_row(source, message.name, message.header, where))
                 self.tally.existing += 1
             elif isinstance(message, SourceEnd):
-                rows = self.rows.pop(index, [])
-                _write_json(self.layout.record(source), {"fingerprint": self.spec.fingerprint, "rows": rows,
-                                                         "bytes": _sizes(self.layout, rows),
-                                                         "skipped": message.skipped,
-                                                         "warnings": list(message.warnings)})  # fmt: skip
-                self.layout.failure(source).unlink(missing_ok=True)
+                record = SourceRecord(self.rows.pop(index, []), message.skipped, message.warnings)
+                self.store.finish(source, record)
                 self.tally.done += 1
                 self.tally.skipped += message.skipped is not None
             else:
@@ -164,8 +154,7 @@ class _Job:
         self.rows.pop(index, None)
         if not reader_stops(stage):
             self.failed.add(index)
-        _write_json(self.layout.failure(source), {"path": str(source.path), "source": source.name,
-                                                  "stage": stage, "reason": reason.splitlines()[0]})  # fmt: skip
+        self.store.fail(source, stage, reason)
         self.tally.failed += 1
         self.tally.done += 1
 
@@ -192,12 +181,10 @@ class _Job:
         if bad:
             raise IvvaeError(f"clip {message.name}: the latent has {bad} NaN or infinite values; not written")
         header = self._header(source, message, opened, time.perf_counter() - opened.started)
-        path = self.layout.latent(source, message.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path, force=True, sole_writer=True) as tmp:
-            pts = np.asarray(opened.pts, dtype=np.int64)
-            write_latent_file(tmp, LatentFile(header, latent, pts - pts[0], None, logvar))
-        self.rows.setdefault(index, []).append(_row(source, header, path, self.layout))
+        pts = np.asarray(opened.pts, dtype=np.int64)
+        data = LatentFile(header, latent, pts - pts[0], None, logvar)
+        where = self.store.put(source, message.name, data, _row(source, message.name, header, {}))
+        self.rows.setdefault(index, []).append(_row(source, message.name, header, where))
         self.tally.written += 1
 
     def _stream(self, source: Source, message: FramePiece) -> _OpenStream:
@@ -230,13 +217,15 @@ class _Job:
         )  # fmt: skip
 
 
-def _row(source: Source, header: LatentHeader, path: Path, layout: Layout) -> dict[str, Any]:
-    """A clip's index row: where its latent is, what it holds, and the manifest's columns."""
+def _row(source: Source, name: str, header: LatentHeader, where: dict[str, Any]) -> dict[str, Any]:
+    """A clip's index row: its key, where its latent is (``where``, as the store says), what it
+    holds, and the manifest's columns."""
     clip = header.clip or {}
     lat = header.padded_size.latent()
     row = {
+        "key": clip_key(source, name), **where,
         "id": source.id if source.id is not None else f"{source.name}#{clip.get('start_frame')}",
-        "source": source.key, "source_path": str(source.path), "latent": path.relative_to(layout.folder).as_posix(),
+        "source": source.key, "source_path": str(source.path),
         "latent_shape": [header.z_dim, lat.frames, lat.height, lat.width], "start_frame": clip.get("start_frame"),
         "frames": header.source_frames, "frame_rate": header.frame_rate,
         "size": [header.source_width, header.source_height], "resized": clip.get("resized"), "crop": clip.get("crop"),

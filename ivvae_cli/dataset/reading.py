@@ -1,24 +1,104 @@
-"""Reading a dataset back: its clips as training examples."""
+"""Reading a dataset back, in either layout: its clips as training examples, or one clip by key."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ivvae_cli.errors import InputError
-from ivvae_cli.latent_file import (
-    read_latent_file,
-)
+from ivvae_cli.latent_file import LatentFile, read_latent_bytes, read_latent_file
 from ivvae_cli.outputs import name_problem
 
-# -- reading a dataset back --------------------------------------------------------------------------
+OPEN_SHARDS = 64
+
+
+def _located(row: Any) -> bool:
+    """Whether an index row says where its clip is in a form that stays inside the folder: a latent
+    file under latents/, or a byte range of a tar under shards/."""
+    if not isinstance(row, dict):
+        return False
+    if "shard" in row:
+        shard = row["shard"]
+        return (
+            isinstance(shard, str) and shard.startswith("shards/") and name_problem(shard) is None
+            and all(isinstance(row.get(k), int) and row[k] >= 0 for k in ("offset", "length"))
+        )  # fmt: skip
+    latent = row.get("latent")
+    return isinstance(latent, str) and latent.startswith("latents/") and name_problem(latent) is None
+
+
+def read_index(folder: Path) -> list[dict[str, Any]]:
+    """The rows of a dataset's ``index.jsonl``, each checked to say where its clip is."""
+    index = folder / "index.jsonl"
+    if not index.is_file():
+        raise InputError(f"{folder} has no index.jsonl (run `ivvae dataset merge {folder}`)")
+    rows = []
+    for number, line in enumerate(index.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = ""
+        if row is not None and not _located(row):
+            raise InputError(f"{index} is damaged at line {number}: `ivvae dataset merge {folder}` rewrites it")
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+class ClipReader:
+    """Reads clips by their index rows: a latent file, or one positioned read of a shard (no tar
+    scan, no extraction) through a descriptor kept open per shard (the last ``OPEN_SHARDS``). Safe
+    to share with DataLoader workers: descriptors are opened again in each process."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, int] = {}
+        self.pid = os.getpid()
+
+    def read(self, row: dict[str, Any]) -> LatentFile:
+        if "shard" not in row:
+            return read_latent_file(self.folder / row["latent"])
+        if self.pid != os.getpid():
+            self.files, self.pid = {}, os.getpid()
+        shard = row["shard"]
+        if shard not in self.files:
+            if len(self.files) >= OPEN_SHARDS:  # the longest open goes
+                os.close(self.files.pop(next(iter(self.files))))
+            try:
+                self.files[shard] = os.open(self.folder / shard, os.O_RDONLY)
+            except OSError as e:
+                raise InputError(f"cannot read {self.folder / shard}: {e.strerror}") from None
+        data = os.pread(self.files[shard], row["length"], row["offset"])
+        return read_latent_bytes(data, f"{self.folder / shard}:{row.get('member', row.get('key'))}")
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "files": {}, "pid": -1}
+
+
+def read_clip(folder: Path, key: str) -> tuple[dict[str, Any], LatentFile]:
+    """One clip of a dataset, by its key (the index's ``key`` column): its index row and latent file."""
+    rows = [row for row in read_index(folder) if row.get("key") == key]
+    if not rows:
+        raise InputError(f"{folder}: no clip with the key '{key}' in its index")
+    reader = ClipReader(folder)
+    try:
+        return rows[0], reader.read(rows[0])
+    finally:
+        reader.close()
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """The clips of a latent dataset folder, by its ``index.jsonl``, as training examples.
+    """The clips of a latent dataset folder, by its ``index.jsonl``, as training examples; either
+    layout alike.
 
     Each item is ``{"latent": (z_dim, T', h, w), "metadata": index row}`` (the row holds the
     manifest's columns too). With posterior ``both`` and ``sample``, ``latent`` is a fresh draw
@@ -29,29 +109,16 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder: str | Path, *, bucket: str | None = None, sample: bool = False):
         self.folder = Path(folder)
-        index = self.folder / "index.jsonl"
-        if not index.is_file():
-            raise InputError(f"{self.folder} has no index.jsonl (run `ivvae dataset merge {self.folder}`)")
-        rows = []
-        for number, line in enumerate(index.read_text().splitlines(), 1):
-            try:
-                row = json.loads(line) if line.strip() else None
-            except ValueError:
-                row = ""
-            if row is not None and not (isinstance(row, dict) and name_problem(str(row.get("latent", ""))) is None):
-                merge = f"`ivvae dataset merge {self.folder}` rewrites it"
-                raise InputError(f"{index} is damaged at line {number}: {merge}")
-            if row is not None:
-                rows.append(row)
-        self.rows = [r for r in rows if bucket is None or r.get("bucket") == bucket]
+        self.rows = [r for r in read_index(self.folder) if bucket is None or r.get("bucket") == bucket]
         self.sample = sample
+        self.reader = ClipReader(self.folder)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
-        data = read_latent_file(self.folder / row["latent"])
+        data = self.reader.read(row)
         item = {"latent": data.latent[0], "metadata": row}
         if data.logvar is not None:
             item |= {"mean": data.latent[0], "logvar": data.logvar[0]}
@@ -59,7 +126,9 @@ class LatentDataset(torch.utils.data.Dataset):
                 noise = torch.randn_like(data.latent[0])
                 item["latent"] = data.latent[0] + data.header.scale_factor * torch.exp(0.5 * data.logvar[0]) * noise
         elif self.sample:
-            raise InputError(f"{row['latent']} holds no log variance: sampling needs --posterior both")
+            raise InputError(
+                f"{row.get('key', row.get('latent'))} holds no log variance: sampling needs --posterior both"
+            )
         return item
 
     @staticmethod

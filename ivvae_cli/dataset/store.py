@@ -1,172 +1,203 @@
-"""The store: where a job keeps its latents, its records of what is done, its failures and its index."""
+"""The store: where a job keeps its clips, its records of which sources are done, its failures, and
+its index.
+
+Two layouts behind one interface, ``Store``: ``files`` (``FileStore``: a latent file per clip, a
+record per source) and ``shards`` (``ivvae_cli.dataset.shards``: tar files of about a gigabyte with
+an index part each). The job calls ``records`` to find what is done, ``put`` for each clip,
+``finish`` or ``fail`` for each source and ``close`` at the end, and never learns which it writes
+to. Failures are a file per source in both layouts (they are few, and a later success removes
+them); ``merge_index`` joins either layout's records into ``index.jsonl`` and ``index.parquet``.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import warnings
-from dataclasses import asdict, dataclass
-from fractions import Fraction
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, ClassVar
 
-from ivvae_cli.dataset.clips import ClipOptions
-from ivvae_cli.dataset.sources import Columns, Source, read_sources
-from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError
-from ivvae_cli.outputs import atomic_output, check_writable, folder_guard, name_problem, place_under
-
-FORMAT_NAME = "ivvae-dataset"
-FORMAT_VERSION = 1
-# -- the job's records -------------------------------------------------------------------------------
+from ivvae_cli.dataset.sources import Source, read_sources
+from ivvae_cli.dataset.spec import DamagedSpecError, JobSpec, read_json, write_json
+from ivvae_cli.errors import InputError
+from ivvae_cli.latent_file import LatentFile, write_latent_file
+from ivvae_cli.outputs import atomic_output, folder_guard, name_problem, place_under
 
 
-class Layout:
-    """Where a job keeps what it writes under its folder."""
+@dataclass(frozen=True)
+class SourceRecord:
+    """A source done: the index rows of its clips, or why it has none."""
+
+    rows: list[dict[str, Any]]
+    skipped: str | None = None  # why it gave no clip (too short)
+    warnings: tuple[str, ...] = ()
+
+
+def clip_key(source: Source, name: str) -> str:
+    """A clip's key, unique in the dataset: its source's key, then its name."""
+    return f"{source.key}/{name}"
+
+
+class Store(ABC):
+    """Where one process of a job puts its clips and records, in one layout."""
+
+    layout: ClassVar[str]
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint
+
+    @abstractmethod
+    def records(self, sources: Iterable[Source]) -> dict[str, SourceRecord]:
+        """The records of those of ``sources`` done with this job's settings, by source name; one
+        whose clips are not all there whole counts as not done."""
+
+    @abstractmethod
+    def put(self, source: Source, name: str, data: LatentFile, row: dict[str, Any]) -> dict[str, Any]:
+        """Keep a clip (``row``: its index row, less where it is); returns where it is, the fields
+        its index row begins with."""
+
+    @abstractmethod
+    def finish(self, source: Source, record: SourceRecord) -> None:
+        """Every clip of ``source`` is put: it is done once this is kept."""
+
+    @abstractmethod
+    def accounted(self, sources: Iterable[Source]) -> bool:
+        """Whether every one of ``sources`` is done or failed, by what is cheapest to look at."""
+
+    def existing(self, source: Source, name: str) -> dict[str, Any] | None:
+        """Where a clip an earlier run kept is, to reuse it; None where clips are not reused."""
+        return None
+
+    def reusable(self) -> FileLayout | None:
+        """What decoding workers look in for clips an earlier run kept (picklable); None if none."""
+        return None
+
+    @abstractmethod
+    def close(self) -> None:
+        """What is finished stays; called when the job ends or is stopped (Ctrl-C, SIGTERM)."""
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """The job failed: leave nothing that looks finished but is not."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None):
+        if kind is None or issubclass(kind, KeyboardInterrupt):
+            self.close()
+        else:
+            self.abandon()
+
+    def failure_path(self, source: Source) -> Path:
+        return place_under(self.folder, f"failures/{source.name}.json")
+
+    def fail(self, source: Source, stage: str, reason: str) -> None:
+        failure = {"path": str(source.path), "source": source.name, "stage": stage, "reason": reason.splitlines()[0]}
+        write_json(self.failure_path(source), failure)
+
+    def failure(self, source: Source) -> dict[str, Any] | None:
+        failure = read_json(self.failure_path(source))
+        return failure if isinstance(failure, dict) else None
+
+
+class FileLayout:
+    """Where the files layout keeps a clip: picklable, for the decoding workers."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.spec = folder / "dataset.json"
-        self.index = folder / "index.jsonl"
-        self.errors = folder / "errors.jsonl"
 
     def latent(self, source: Source, name: str) -> Path:
         return place_under(self.folder, f"latents/{source.key}/{name}.latent")
 
-    def record(self, source: Source) -> Path:
-        """Written when every clip of ``source`` is: the index rows of its clips."""
+
+class FileStore(Store):
+    """A latent file per clip under ``latents/``, and per source a record under ``records/``
+    (written when every clip of it is: the index rows of its clips and their sizes)."""
+
+    layout = "files"
+
+    def __init__(self, folder: Path, fingerprint: str):
+        super().__init__(folder, fingerprint)
+        self.paths = FileLayout(folder)
+
+    def record_path(self, source: Source) -> Path:
         return place_under(self.folder, f"records/{source.name}.json")
 
-    def failure(self, source: Source) -> Path:
-        return place_under(self.folder, f"failures/{source.name}.json")
+    def records(self, sources: Iterable[Source]) -> dict[str, SourceRecord]:
+        records = {}
+        for source in sources:
+            raw = read_json(self.record_path(source))
+            record = self._record(raw)
+            if record is not None and self._whole(record, raw.get("bytes")):
+                records[source.name] = record
+        return records
 
-
-def _write_json(path: Path, value: Any) -> None:
-    """Atomically, creating the folder; an existing file is replaced. No other process writes it
-    meanwhile (or the caller holds ``folder_guard``), so its temporary has one name, and what a
-    killed process left of it is replaced by the next write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, force=True, sole_writer=True) as tmp:
-        tmp.write_text(json.dumps(value, default=str) + "\n")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What a job's outputs were made with: resuming needs the same, or ``overwrite``."""
-
-    source: str
-    columns: Columns
-    options: ClipOptions
-    model: str
-    weights_fingerprint: str
-
-    @property
-    def fingerprint(self) -> str:
-        """Of what decides the latents: the clip options and the weights (not where sources are listed)."""
-        return hashlib.sha256(f"{self.options.fingerprint()}:{self.weights_fingerprint}".encode()).hexdigest()[:16]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": self.source,
-            "columns": asdict(self.columns), "options": self.options.describe(), "model": self.model,
-            "weights_fingerprint": self.weights_fingerprint, "fingerprint": self.fingerprint,
-        }  # fmt: skip
-
-    @classmethod
-    def read(cls, folder: Path) -> JobSpec | None:
-        """The job recorded in ``folder``; None where there is none; ``DamagedSpecError`` where its
-        dataset.json is cut short or garbled (a crash on a network filesystem)."""
-        path = Layout(folder).spec
-        if not path.exists():
+    def _record(self, raw: Any) -> SourceRecord | None:
+        """A record cut short or garbled (a crash on a network filesystem) is none: its source is done again."""
+        if not isinstance(raw, dict) or raw.get("fingerprint") != self.fingerprint:
             return None
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise DamagedSpecError(f"{path} is cut short or garbled ({e.__class__.__name__})") from None
-        if isinstance(raw, dict) and raw.get("format") not in (None, FORMAT_NAME):
-            raise InputError(f"{path} is not an ivvae dataset description")
-        try:
-            options = dict(raw["options"])
-            options["buckets"] = tuple((int(w), int(h)) for w, h in options["buckets"])
-            options["target_fps"] = None if options["target_fps"] is None else Fraction(options["target_fps"])
-            spec = cls(str(raw["source"]), Columns(**raw["columns"]), ClipOptions(**options), str(raw["model"]),
-                       str(raw["weights_fingerprint"]))  # fmt: skip
-        except (TypeError, ValueError, KeyError, IvvaeError) as e:
-            raise DamagedSpecError(f"{path} is cut short or garbled ({e.__class__.__name__})") from None
-        if raw.get("fingerprint") != spec.fingerprint:
-            raise DamagedSpecError(f"{path} is garbled (its settings do not give its fingerprint)")
-        return spec
-
-
-class DamagedSpecError(InputError):
-    """A dataset.json that cannot be read back: ``encode`` writes it anew, ``merge`` refuses."""
-
-
-def check_folder(folder: Path) -> None:
-    """Fail in one line, before the model loads, when ``folder`` cannot take a dataset."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"output is not a folder: {folder}")
-    if not folder.parent.is_dir():
-        raise OutputError(f"output folder's parent does not exist: {folder.parent}")
-    check_writable(folder if folder.is_dir() else folder.parent)
-
-
-def prepare_folder(folder: Path, spec: JobSpec, overwrite: bool) -> None:
-    """Refuse to mix options or weights in one folder (unless ``overwrite``), then record the job."""
-    check_folder(folder)
-    try:
-        old = JobSpec.read(folder)
-    except DamagedSpecError as e:  # nothing is lost: every record and latent carries the settings it was made with
-        redone = "records and clips made with other settings are redone"
-        warnings.warn(f"{e}: written anew; {redone}", IvvaeWarning, stacklevel=2)
-        old = None
-    if old is not None and old.fingerprint != spec.fingerprint and not overwrite:
-        changed = [k for k, v in asdict(spec.options).items() if getattr(old.options, k) != v]
-        if old.weights_fingerprint != spec.weights_fingerprint:
-            changed.append(f"weights ({old.model} {old.weights_fingerprint} before)")
-        raise OutputError(
-            f"{folder} holds latents made with other settings ({', '.join(changed)}); "
-            "use the same options, another folder, or --overwrite"
-        )
-    folder.mkdir(exist_ok=True)
-    with folder_guard(folder):  # every process writes it alike, one at a time
-        _write_json(Layout(folder).spec, spec.to_json())
-
-
-def _record(layout: Layout, source: Source, fingerprint: str) -> dict | None:
-    """The source's record, if it is done with this job's settings; a record cut short or garbled
-    (a crash on a network filesystem) is none, and its source is done again."""
-    record = _read_json(layout.record(source))
-    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
-        return None
-    rows, skipped, warned = record.get("rows"), record.get("skipped"), record.get("warnings", [])
-    if not isinstance(rows, list) or not isinstance(skipped, str | None) or not isinstance(warned, list):
-        return None
-    for row in rows:
-        latent = row.get("latent") if isinstance(row, dict) else None
-        if not isinstance(latent, str) or not latent.startswith("latents/") or name_problem(latent) is not None:
+        rows, skipped, warned = raw.get("rows"), raw.get("skipped"), raw.get("warnings", [])
+        if not isinstance(rows, list) or not isinstance(skipped, str | None) or not isinstance(warned, list):
             return None
-    return record
+        for row in rows:
+            latent = row.get("latent") if isinstance(row, dict) else None
+            if not isinstance(latent, str) or not latent.startswith("latents/") or name_problem(latent) is not None:
+                return None
+        return SourceRecord(rows, skipped, tuple(map(str, warned)))
+
+    def _sizes(self, rows: list[dict[str, Any]]) -> list[int]:
+        return [(self.folder / row["latent"]).stat().st_size for row in rows]
+
+    def _whole(self, record: SourceRecord, sizes: Any) -> bool:
+        """Whether every clip a record lists is there at the size it says (a stat each: a clip torn by
+        a crash on a network filesystem is found without reading it)."""
+        try:
+            found = self._sizes(record.rows)
+        except OSError:
+            return False
+        return sizes is None or sizes == found
+
+    def existing(self, source: Source, name: str) -> dict[str, Any]:
+        return {"latent": self.paths.latent(source, name).relative_to(self.folder).as_posix()}
+
+    def reusable(self) -> FileLayout:
+        return self.paths
+
+    def put(self, source: Source, name: str, data: LatentFile, row: dict[str, Any]) -> dict[str, Any]:
+        path = self.paths.latent(source, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path, force=True, sole_writer=True) as tmp:
+            write_latent_file(tmp, data)
+        return self.existing(source, name)
+
+    def finish(self, source: Source, record: SourceRecord) -> None:
+        write_json(self.record_path(source), {
+            "fingerprint": self.fingerprint, "rows": record.rows, "bytes": self._sizes(record.rows),
+            "skipped": record.skipped, "warnings": list(record.warnings),
+        })  # fmt: skip
+        self.failure_path(source).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Every clip and record was written whole as it came: nothing is open."""
+
+    def abandon(self) -> None:
+        """Every clip and record was written whole as it came: nothing is open."""
+
+    def accounted(self, sources: Iterable[Source]) -> bool:
+        """Existence alone, cheap over millions: ``merge_index`` checks each record's settings."""
+        return all(self.record_path(s).exists() or self.failure_path(s).exists() for s in sources)
 
 
-def _sizes(layout: Layout, rows: list[dict]) -> list[int]:
-    return [(layout.folder / row["latent"]).stat().st_size for row in rows]
+def open_store(folder: Path, spec: JobSpec, rank: int = 0) -> Store:
+    """The store of ``spec``'s layout in ``folder``, for process ``rank``."""
+    if spec.storage.layout == "shards":
+        from ivvae_cli.dataset.shards import ShardStore  # it imports this module
 
-
-def _whole(layout: Layout, record: dict) -> bool:
-    """Whether every clip a record lists is there at the size it says (a stat each: a clip torn by
-    a crash on a network filesystem is found without reading it)."""
-    try:
-        sizes = _sizes(layout, record["rows"])
-    except OSError:
-        return False
-    return record.get("bytes", sizes) == sizes
+        return ShardStore(folder, spec.fingerprint, spec.storage.shard_size, rank)
+    return FileStore(folder, spec.fingerprint)
 
 
 def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, int]:
@@ -179,22 +210,23 @@ def merge_index(folder: Path, sources: list[Source] | None = None) -> dict[str, 
     if spec is None:
         raise InputError(f"{folder} holds no ivvae dataset (no dataset.json)")
     sources = sources if sources is not None else read_sources(spec.source, spec.columns)
-    layout = Layout(folder)
+    store = open_store(folder, spec)
+    records = store.records(sources)
     rows, errors, pending, skipped, warned = [], [], 0, 0, 0
     for source in sources:
-        record = _record(layout, source, spec.fingerprint)
+        record = records.get(source.name)
         if record is not None:
-            rows += record["rows"]
-            skipped += record.get("skipped") is not None
-            warned += bool(record.get("warnings"))
+            rows += record.rows
+            skipped += record.skipped is not None
+            warned += bool(record.warnings)
             continue
-        failure = _read_json(layout.failure(source))
-        if isinstance(failure, dict):
+        failure = store.failure(source)
+        if failure is not None:
             errors.append(failure)
         else:
             pending += 1
     with folder_guard(folder):  # the last processes of a job may merge at once: one at a time
-        for path, items in ((layout.index, rows), (layout.errors, errors)):
+        for path, items in ((folder / "index.jsonl", rows), (folder / "errors.jsonl", errors)):
             with atomic_output(path, force=True, sole_writer=True) as tmp:
                 tmp.write_text("".join(json.dumps(item, default=str) + "\n" for item in items))
         parquet = _write_parquet(folder / "index.parquet", rows)
@@ -211,9 +243,3 @@ def _write_parquet(path: Path, rows: list[dict]) -> bool:
     with atomic_output(path, force=True, sole_writer=True) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     return True
-
-
-def _complete(layout: Layout, sources: list[Source]) -> bool:
-    """Whether every source has a record or a failure (the last process to finish writes the index).
-    Existence alone, cheap over millions: ``merge_index`` checks each record's settings."""
-    return all(layout.record(s).exists() or layout.failure(s).exists() for s in sources)
