@@ -39,6 +39,7 @@ from ivvae_cli.bare_latent import (
 from ivvae_cli.colour import Colour
 from ivvae_cli.errors import InputError, IvvaeError, IvvaeWarning, OutputError, WriteError
 from ivvae_cli.latent_file import (
+    LatentFile,
     describe_latent_file,
     find_latent_files,
     looks_like_latent_file,
@@ -119,6 +120,9 @@ TileOpt = Annotated[
 OverlapOpt = Annotated[int | None, typer.Option("--tile-overlap", min=0, help="Tile overlap in latent pixels.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
+ClipOpt = Annotated[
+    str | None, typer.Option("--clip", help="With a dataset folder: the clip with this key (the index's key column).")
+]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write a JSON report to this file ('-': stdout).")]
 StartOpt = Annotated[float, typer.Option(min=0, help="Start this many seconds into the video.")]
 FramesOpt = Annotated[int | None, typer.Option("--frames", min=1, help="Encode at most this many frames.")]
@@ -386,6 +390,7 @@ def decode(
         typer.Option(help="Bare tensors: WIDTHxHEIGHT, the frames cropped by under 8 pixels a side (1088 to 1080)."),
     ] = None,
     key: Annotated[str | None, typer.Option(help="Bare tensors: the tensor's name in a file of several.")] = None,
+    clip: ClipOpt = None,
     strict: StrictOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -394,12 +399,15 @@ def decode(
     """Decode a latent file into a video with the source's frame count, size, timing and audio; or a
     bare latent tensor as a diffusion model's sampler saves it (.safetensors, .pt, .npy, .npz:
     (C, T, h, w), or (B, C, T, h, w) for a video per item); or every latent file of a folder or glob
-    into a folder of videos, with one model load."""
+    into a folder of videos, with one model load; or a clip of a dataset (either layout) by its key."""
     with _errors(quiet):
         write = WriteOptions(codec, crf, lossless, bit_depth, chroma)
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         bare = BareOptions(_fraction(fps, "--fps") or DEFAULT_FPS, latent_space, size and parse_frame_size(size), key)
         run = _Decoding(weights, model, device, dtype, memory, write, bare, force, quiet, json_path, strict)
+        if clip is not None:
+            _decode_clip(input, clip, output, run)
+            return
         if input.is_dir() or glob.has_magic(str(input)):
             _decode_many(str(input), output, ext, run)
             return
@@ -411,17 +419,39 @@ def decode(
                 f"{input} is an ivvae latent file, which records its rate, size and latent space: "
                 "--fps, --size, --key and --latent-space are for bare tensors"
             )
-        data = read_latent_file(input, strict=strict)
-        check_output(output, force)
-        _explain(decode_format(data.header, output, write), quiet)
-        loaded = _load(weights, model or data.header.model, device, dtype, quiet)
-        check_model_matches(data, loaded, str(input))
-        with _progress("decode", data.header.source_frames, quiet) as progress, atomic_output(output, force) as tmp:
-            tiling = decode_latent(data, tmp, loaded, write, memory=memory, progress=progress)
-        if not quiet:
-            stderr.print(f"wrote {output}", highlight=False)
-        _report({"input": str(input), "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
-                json_path)  # fmt: skip
+        _decode_latent(read_latent_file(input, strict=strict), str(input), output, run)
+
+
+def _decode_clip(folder: Path, key: str, output: Path, run: _Decoding) -> None:
+    """A clip of a dataset folder, by its key, as one latent file is decoded."""
+    from ivvae_cli.dataset.reading import read_clip
+
+    _input_file(folder)
+    _decode_latent(read_clip(folder, _clip_key(folder, key), strict=run.strict), f"{folder}:{key}", output, run)
+
+
+def _clip_key(folder: Path, key: str | None) -> str:
+    if not folder.is_dir():
+        raise InputError(f"--clip names a clip of a dataset folder; {folder} is not a folder")
+    if key is None:
+        raise InputError(f"{folder} is a folder: give a dataset folder and --clip KEY (the index's key column)")
+    return key
+
+
+def _decode_latent(data: LatentFile, name: str, output: Path, run: _Decoding) -> None:
+    check_output(output, run.force)
+    _explain(decode_format(data.header, output, run.write), run.quiet)
+    loaded = run.load(data.header.model)
+    check_model_matches(data, loaded, name)
+    with (
+        _progress("decode", data.header.source_frames, run.quiet) as progress,
+        atomic_output(output, run.force) as tmp,
+    ):
+        tiling = decode_latent(data, tmp, loaded, run.write, memory=run.memory, progress=progress)
+    if not run.quiet:
+        stderr.print(f"wrote {output}", highlight=False)
+    _report({"input": name, "output": str(output), "frames": data.header.source_frames, "tiling": tiling},
+            run.json_path)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -792,18 +822,23 @@ def demo(
 
 @app.command()
 def info(
-    file: Annotated[Path, typer.Argument(help="A latent file, a bare latent tensor or a video.")],
+    file: Annotated[Path, typer.Argument(help="A latent file, a bare latent tensor, a video, or a dataset folder.")],
     fps: Annotated[
         str | None, typer.Option(help=f"Bare tensors: the rate its seconds are given at (default {DEFAULT_FPS}).")
     ] = None,
     key: Annotated[str | None, typer.Option(help="Bare tensors: the tensor's name in a file of several.")] = None,
+    clip: ClipOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Show what a latent file, a bare latent tensor (or a video) holds; of a damaged latent file,
-    what could be read and what is wrong with it (exit code 3)."""
+    """Show what a latent file, a bare latent tensor (or a video) holds, or a clip of a dataset by
+    its key; of a damaged latent file, what could be read and what is wrong with it (exit code 3)."""
     with _errors():
         _input_file(file)
-        if is_bare_latent(file):
+        if clip is not None or file.is_dir():
+            from ivvae_cli.dataset.reading import describe_clip
+
+            report = describe_clip(file, _clip_key(file, clip))
+        elif is_bare_latent(file):
             report = describe_bare_latent(file, key, _fraction(fps, "--fps") or DEFAULT_FPS)
         elif looks_like_latent_file(file):
             report = describe_latent_file(file)

@@ -551,9 +551,12 @@ def describe_latent_file(path: Path) -> dict:
     """What ``ivvae info`` shows of a latent file: its header, shape and sizes, and the colour
     ``decode`` writes (YUV; lossless RGB outputs are tagged ``gbr``, full range); of a damaged one,
     what could be read, and its problems (``problems`` is empty when ``decode`` would take it)."""
-    report = inspect_latent_file(path)
-    file_bytes = path.stat().st_size
-    described: dict[str, Any] = {"kind": "latent", "file": str(path)}
+    return describe_latent(inspect_latent_file(path), path.stat().st_size)
+
+
+def describe_latent(report: LatentReport, file_bytes: int) -> dict:
+    """``describe_latent_file`` of what ``inspect_latent_file`` or ``inspect_latent_bytes`` found."""
+    described: dict[str, Any] = {"kind": "latent", "file": str(report.path)}
     if report.data is None:
         declared = {name: f"{t['dtype']} {t['shape']}" for name, t in report.tensors.items()}
         return described | report.fields | {"tensors": declared, "file_bytes": file_bytes, "problems": report.problems}

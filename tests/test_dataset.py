@@ -385,6 +385,30 @@ def test_a_shard_cut_short_is_never_read_and_its_clips_are_encoded_again(tmp_pat
 
 
 @pytest.mark.e2e
+def test_info_and_decode_take_a_clip_of_either_layout_by_key(tmp_path, few_clips, checkpoint):
+    args = ["-w", checkpoint, "-q", "--frames", "5"]
+    for layout in ("files", "shards"):
+        assert ivvae("dataset", "encode", few_clips, tmp_path / layout, *args, "--layout", layout)[0] == 0
+    key = index(tmp_path / "shards")[1]["key"]
+    assert key == "v1.mkv/f0000000-0000005"
+    code, report, _ = ivvae("info", tmp_path / "shards", "--clip", key, "--json", "-")
+    shown = json.loads(report)
+    assert code == 0 and shown["key"] == key and shown["shard"].startswith("shards/") and shown["problems"] == []
+    code, alone, _ = ivvae("info", tmp_path / "files" / "latents" / f"{key}.latent", "--json", "-")
+    assert shown["latent_shape"] == json.loads(alone)["latent_shape"] == [1, 16, 2, 6, 12]
+    videos = []
+    for layout in ("files", "shards"):
+        video = tmp_path / f"{layout}.mkv"
+        assert ivvae("decode", tmp_path / layout, video, "--clip", key, "--lossless", *args[:3])[0] == 0
+        videos.append(np.concatenate([f for f, _ in read_frames(video)]))
+    assert videos[0].shape == (5, 48, 96, 3) and np.array_equal(*videos)
+    code, _, err = ivvae("decode", tmp_path / "shards", tmp_path / "x.mkv", "--clip", "v9.mkv/f0", *args[:2])
+    assert code == 3 and "no clip with the key 'v9.mkv/f0'" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = ivvae("info", tmp_path / "shards")
+    assert code == 3 and "--clip KEY" in err, err
+
+
+@pytest.mark.e2e
 def test_changed_options_over_an_existing_output_are_refused(tmp_path, few_clips, checkpoint):
     args = ["dataset", "encode", str(few_clips), str(tmp_path / "out"), "-w", str(checkpoint), "-q", "--frames", "5"]
     assert ivvae(*args)[0] == 0

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ivvae_cli.errors import InputError
-from ivvae_cli.latent_file import LatentFile, read_latent_bytes, read_latent_file
+from ivvae_cli.latent_file import LatentFile, describe_latent, inspect_latent_bytes, read_latent_bytes, read_latent_file
 from ivvae_cli.outputs import name_problem
 
 OPEN_SHARDS = 64
@@ -59,9 +59,24 @@ class ClipReader:
         self.files: dict[str, int] = {}
         self.pid = os.getpid()
 
-    def read(self, row: dict[str, Any]) -> LatentFile:
+    def read(self, row: dict[str, Any], *, strict: bool = False) -> LatentFile:
         if "shard" not in row:
-            return read_latent_file(self.folder / row["latent"])
+            return read_latent_file(self.folder / row["latent"], strict=strict)
+        return read_latent_bytes(self.bytes(row), self.name(row), strict=strict)
+
+    def name(self, row: dict[str, Any]) -> str:
+        """Where a clip is, as errors say it."""
+        if "shard" not in row:
+            return str(self.folder / row["latent"])
+        return f"{self.folder / row['shard']}:{row.get('member', row.get('key'))}"
+
+    def bytes(self, row: dict[str, Any]) -> bytes:
+        """A clip's latent file, as bytes."""
+        if "shard" not in row:
+            try:
+                return (self.folder / row["latent"]).read_bytes()
+            except OSError as e:
+                raise InputError(f"cannot read {self.folder / row['latent']}: {e.strerror}") from None
         if self.pid != os.getpid():
             self.files, self.pid = {}, os.getpid()
         shard = row["shard"]
@@ -72,8 +87,7 @@ class ClipReader:
                 self.files[shard] = os.open(self.folder / shard, os.O_RDONLY)
             except OSError as e:
                 raise InputError(f"cannot read {self.folder / shard}: {e.strerror}") from None
-        data = os.pread(self.files[shard], row["length"], row["offset"])
-        return read_latent_bytes(data, f"{self.folder / shard}:{row.get('member', row.get('key'))}")
+        return os.pread(self.files[shard], row["length"], row["offset"])
 
     def close(self) -> None:
         for fd in self.files.values():
@@ -84,16 +98,31 @@ class ClipReader:
         return {"folder": self.folder, "files": {}, "pid": -1}
 
 
-def read_clip(folder: Path, key: str) -> tuple[dict[str, Any], LatentFile]:
-    """One clip of a dataset, by its key (the index's ``key`` column): its index row and latent file."""
-    rows = [row for row in read_index(folder) if row.get("key") == key]
-    if not rows:
-        raise InputError(f"{folder}: no clip with the key '{key}' in its index")
+def _row(folder: Path, key: str) -> dict[str, Any]:
+    row = next((row for row in read_index(folder) if row.get("key") == key), None)
+    if row is None:
+        raise InputError(f"{folder}: no clip with the key '{key}' in its index (its 'key' column)")
+    return row
+
+
+def read_clip(folder: Path, key: str, *, strict: bool = False) -> LatentFile:
+    """One clip of a dataset in either layout, by its key (the index's ``key`` column)."""
     reader = ClipReader(folder)
     try:
-        return rows[0], reader.read(rows[0])
+        return reader.read(_row(folder, key), strict=strict)
     finally:
         reader.close()
+
+
+def describe_clip(folder: Path, key: str) -> dict[str, Any]:
+    """``describe_latent_file`` of one clip of a dataset, by its key; and where it is."""
+    row, reader = _row(folder, key), ClipReader(folder)
+    try:
+        data = reader.bytes(row)
+    finally:
+        reader.close()
+    where = {k: row[k] for k in ("shard", "member", "offset", "length", "latent") if k in row}
+    return {"key": key, **where} | describe_latent(inspect_latent_bytes(data, reader.name(row)), len(data))
 
 
 class LatentDataset(torch.utils.data.Dataset):
