@@ -979,6 +979,9 @@ def dataset_encode(
         str, typer.Option(help="files: a latent file per clip; shards: tar files (WebDataset) with an index.")
     ] = "files",
     shard_size: Annotated[str, typer.Option(help="--layout shards: bytes a shard holds, e.g. 1GB or 256MB.")] = "1GB",
+    work_units: Annotated[
+        int | None, typer.Option(help="What the work list is cut into, by a hash of each source (fixed at the start).")
+    ] = None,
     path_column: Annotated[str, typer.Option(help="Manifest column of video paths.")] = "path",
     id_column: Annotated[str, typer.Option(help="Manifest column of clip ids.")] = "id",
     start_column: Annotated[str, typer.Option(help="Manifest column where a span starts.")] = "start",
@@ -1002,7 +1005,7 @@ def dataset_encode(
     json_path: JsonOpt = None,
 ) -> None:
     """Encode every clip of a collection into latent files and an index, resumably, on every device
-    torchrun (or srun) starts: each process takes its share of the sorted work list."""
+    torchrun (or srun) starts: each process takes its share of the work units."""
     from ivvae_cli import dataset
 
     with _errors():
@@ -1015,7 +1018,8 @@ def dataset_encode(
             buckets=dataset.parse_buckets(buckets) if buckets else (), posterior=posterior, seed=seed,
         )  # fmt: skip
         storage = dataset.Storage(layout, _size(shard_size, "--shard-size"))
-        share = world.share(len(sources))
+        units = dataset.work_units(out, work_units, overwrite)
+        share = world.share(sources, units)
         talk = not quiet and world.local_rank == 0
         if not share:
             if talk:
@@ -1028,7 +1032,7 @@ def dataset_encode(
         with FolderLock(out, world.launch):  # before the model loads: a busy folder is said at once
             loaded = _load(weights, model, device, dtype, not talk)
             where = source if glob.has_magic(source) else str(Path(source).absolute())
-            spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint, storage)
+            spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint, storage, units)
             dataset.prepare_folder(out, spec, overwrite)
             with _dataset_progress(world, len(share), talk, 0 if quiet else log_every) as progress:
                 tally, merged = dataset.encode_dataset(

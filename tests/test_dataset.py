@@ -97,9 +97,18 @@ def test_world_comes_from_torchrun_else_slurm_else_one_process():
     torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
     assert World.from_environment(torchrun) == World(3, 8, 1)
     assert World.from_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}) == World(5, 6, 2)
-    assert list(World(1, 3, 0).share(8)) == [1, 4, 7]
     with pytest.raises(InputError, match="outside"):
         World.from_environment({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_work_units_stay_put_when_a_manifest_gains_rows_and_are_balanced():
+    sources = [Source(Path(f"v{i}.mp4"), f"v{i}.mp4") for i in range(1000)]
+    more = sorted([*sources, *(Source(Path(f"a{i}.mp4"), f"a{i}.mp4") for i in range(100))], key=lambda s: s.key)
+    for rank in range(4):
+        before = {s.name for _, s in World(rank, 4).share(sources, 64)}
+        assert before <= {s.name for _, s in World(rank, 4).share(more, 64)}  # no source moved
+    shares = [len(World(rank, 4).share(sources, 4096)) for rank in range(4)]
+    assert sum(shares) == 1000 and max(shares) < 1.2 * 250, shares
 
 
 @pytest.mark.parametrize(
@@ -406,6 +415,32 @@ def test_info_and_decode_take_a_clip_of_either_layout_by_key(tmp_path, few_clips
     assert code == 3 and "no clip with the key 'v9.mkv/f0'" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = ivvae("info", tmp_path / "shards")
     assert code == 3 and "--clip KEY" in err, err
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("layout", ["files", "shards"])
+def test_rows_added_to_a_manifest_are_all_a_rerun_encodes(tmp_path, long_clips, checkpoint, layout):
+    names = [f"v{i}.mkv" for i in range(4)]
+    for name in [*names, "v4.mkv"]:
+        (tmp_path / name).symlink_to(long_clips / name)
+    (tmp_path / "a.mkv").symlink_to(long_clips / "v5.mkv")  # a new row that sorts first: nothing moves
+    manifest, out = tmp_path / "m.csv", tmp_path / "out"
+    manifest.write_text("path\n" + "".join(f"{n}\n" for n in names))
+    args = ["dataset", "encode", manifest, out, "-w", checkpoint, "-q", "--frames", "5", "--layout", layout]
+    assert ivvae(*args)[0] == 0
+    first = located(index(out))
+    manifest.write_text("path\n" + "".join(f"{n}\n" for n in [*names, "v4.mkv", "a.mkv"]))
+    reports = []
+    for rank in (0, 1):  # and by two processes where one made the rest
+        code, report, _ = ivvae(*args, "--json", "-", env={"RANK": str(rank), "WORLD_SIZE": "2"})
+        assert code == 0
+        reports.append(json.loads(report))
+    assert sum(r["clips_written"] for r in reports) == 2 and sum(r["sources"] for r in reports) == 6
+    rows = located(index(out))
+    assert [r["source"] for r in rows] == ["a.mkv", *names, "v4.mkv"] and rows[1:5] == first
+    assert json.loads((out / "dataset.json").read_text())["work_units"] == 4096
+    code, _, err = ivvae(*args, "--work-units", "8")
+    assert code == 4 and "4096 units" in err, err
 
 
 @pytest.mark.e2e

@@ -1,8 +1,9 @@
 """Latent datasets: a video collection in, one latent file per clip and an index out, on as many
 processes as there are devices; and a torch ``Dataset`` that reads them back for training.
 
-The work list is the sorted sources (manifest rows, or the videos of a folder or glob). Process
-``rank`` of ``world`` takes sources ``rank, rank + world, ...`` (torchrun's ``RANK``/``WORLD_SIZE``/
+The work list is the sorted sources (manifest rows, or the videos of a folder or glob), cut into a
+fixed number of work units by a hash of each source's name. Process ``rank`` of ``world`` takes
+units ``rank, rank + world, ...`` (torchrun's ``RANK``/``WORLD_SIZE``/
 ``LOCAL_RANK``, else SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``), so no process
 ever waits on another. Every clip is written atomically, and a source is done when its record (the
 index rows of its clips) is written, also atomically; a failed source leaves an error record
@@ -22,8 +23,8 @@ the decoding workers hand the model), ``decoding`` (the workers), ``spec`` (what
 from ivvae_cli.dataset.clips import ClipOptions, Geometry, clip_name, clip_pieces, parse_buckets
 from ivvae_cli.dataset.job import Tally, clip_seed, encode_dataset
 from ivvae_cli.dataset.reading import LatentDataset
-from ivvae_cli.dataset.sources import Columns, Source, World, read_sources
-from ivvae_cli.dataset.spec import DamagedSpecError, JobSpec, Storage, check_folder, prepare_folder
+from ivvae_cli.dataset.sources import Columns, Source, World, read_sources, work_unit
+from ivvae_cli.dataset.spec import DamagedSpecError, JobSpec, Storage, check_folder, prepare_folder, work_units
 from ivvae_cli.dataset.store import SourceRecord, Store, merge_index, open_store
 
 __all__ = [
@@ -49,4 +50,6 @@ __all__ = [
     "parse_buckets",
     "prepare_folder",
     "read_sources",
+    "work_unit",
+    "work_units",
 ]  # fmt: skip

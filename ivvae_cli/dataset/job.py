@@ -89,7 +89,7 @@ def encode_dataset(
     Returns what it did, and the index's counts when it found every source accounted for and so
     wrote the index."""
     world = world or World()
-    share = [(i, sources[i]) for i in world.share(len(sources))]
+    share = world.share(sources, spec.work_units)
     tally = Tally(sources=len(share))
     with open_store(folder, spec, world.rank) as store:
         done = store.records(source for _, source in share)

@@ -62,12 +62,20 @@ class World:
                 return world
         return cls(launch=launch)
 
-    def share(self, count: int) -> range:
-        """The indices of the work list this process takes."""
-        return range(self.rank, count, self.size)
+    def share(self, sources: list[Source], units: int) -> list[tuple[int, Source]]:
+        """The sources this process takes, with their places in the work list: those of work units
+        ``rank, rank + size, ...``."""
+        return [(i, s) for i, s in enumerate(sources) if work_unit(s, units) % self.size == self.rank]
 
     def __str__(self) -> str:
         return f"rank {self.rank}/{self.size}"
+
+
+def work_unit(source: Source, units: int) -> int:
+    """Which of ``units`` work units a source belongs to, by a stable hash of its name: it stays put
+    whatever rows a manifest gains or loses, so a process keeps its sources and only new ones are new."""
+    digest = hashlib.sha256(source.name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % units
 
 
 # -- the work list ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ FORMAT_NAME = "ivvae-dataset"
 FORMAT_VERSION = 1
 LAYOUTS = ("files", "shards")
 SHARD_SIZE = 2**30  # bytes a shard holds before the next is begun
+WORK_UNITS = 4096  # what the work list is cut into, by a hash of each source: ample for thousands of processes
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -63,6 +64,7 @@ class JobSpec:
     model: str
     weights_fingerprint: str
     storage: Storage = Storage()
+    work_units: int = WORK_UNITS  # fixed when the job starts: process rank takes units rank, rank + world, ...
 
     @property
     def fingerprint(self) -> str:
@@ -74,7 +76,7 @@ class JobSpec:
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": self.source,
             "columns": asdict(self.columns), "options": self.options.describe(), "model": self.model,
             "weights_fingerprint": self.weights_fingerprint, "fingerprint": self.fingerprint,
-            "layout": self.storage.layout, "shard_size": self.storage.shard_size,
+            "layout": self.storage.layout, "shard_size": self.storage.shard_size, "work_units": self.work_units,
         }  # fmt: skip
 
     @classmethod
@@ -96,7 +98,10 @@ class JobSpec:
             options["target_fps"] = None if options["target_fps"] is None else Fraction(options["target_fps"])
             spec = cls(str(raw["source"]), Columns(**raw["columns"]), ClipOptions(**options), str(raw["model"]),
                        str(raw["weights_fingerprint"]),
-                       Storage(str(raw.get("layout", "files")), int(raw.get("shard_size", SHARD_SIZE))))  # fmt: skip
+                       Storage(str(raw.get("layout", "files")), int(raw.get("shard_size", SHARD_SIZE))),
+                       int(raw.get("work_units", WORK_UNITS)))  # fmt: skip
+            if spec.work_units < 1:
+                raise ValueError("no work units")
         except (TypeError, ValueError, KeyError, IvvaeError) as e:
             raise DamagedSpecError(f"{path} is cut short or garbled ({e.__class__.__name__})") from None
         if raw.get("fingerprint") != spec.fingerprint:
@@ -106,6 +111,24 @@ class JobSpec:
 
 class DamagedSpecError(InputError):
     """A dataset.json that cannot be read back: ``encode`` writes it anew, ``merge`` refuses."""
+
+
+def work_units(folder: Path, requested: int | None, overwrite: bool) -> int:
+    """How many work units the job in ``folder`` has: what it recorded when it started (a run
+    asking for another count is refused, unless ``overwrite``), else ``requested`` or the default."""
+    if requested is not None and requested < 1:
+        raise IvvaeError(f"--work-units must be positive, got {requested}")
+    try:
+        old = JobSpec.read(folder)
+    except DamagedSpecError:  # prepare_folder says so
+        old = None
+    if old is None or overwrite:
+        return requested or WORK_UNITS
+    if requested is not None and requested != old.work_units:
+        raise OutputError(
+            f"{folder} cuts its work into {old.work_units} units; leave --work-units out, or use --overwrite"
+        )
+    return old.work_units
 
 
 def check_folder(folder: Path) -> None:
