@@ -170,7 +170,7 @@ class _Job:
                 self._hold(index, message)
             elif isinstance(message, ClipDone):
                 where = self.store.existing(source, message.name)
-                self.rows.setdefault(index, []).append(_row(source, message.name, message.header, where))
+                self.rows.setdefault(index, []).append(index_row(source, message.name, message.header, where))
                 self.tally.existing += 1
             elif isinstance(message, SourceEnd):
                 if self.waiting.get(index):
@@ -190,7 +190,8 @@ class _Job:
             self._encode_batch(self.batches.pop(next(iter(self.batches))))
 
     def _finish(self, index: int, source: Source, end: SourceEnd) -> None:
-        self.store.finish(source, SourceRecord(self.rows.pop(index, []), end.skipped, end.warnings))
+        rows = sorted(self.rows.pop(index, []), key=lambda row: row["start_frame"])  # batches may reorder them
+        self.store.finish(source, SourceRecord(rows, end.skipped, end.warnings))
         self.tally.done += 1
         self.tally.skipped += end.skipped is not None
 
@@ -292,8 +293,8 @@ class _Job:
         header = self._header(source, first, stream, pts[0], seed, seconds)
         stamps = np.asarray(pts, dtype=np.int64)
         data = LatentFile(header, latent, stamps - stamps[0], None, logvar)
-        where = self.store.put(source, first.name, data, _row(source, first.name, header, {}))
-        self.rows.setdefault(index, []).append(_row(source, first.name, header, where))
+        where = self.store.put(source, first.name, data, index_row(source, first.name, header, {}))
+        self.rows.setdefault(index, []).append(index_row(source, first.name, header, where))
         self.tally.written += 1
 
     def _stream(self, source: Source, message: FramePiece) -> _OpenStream:
@@ -330,7 +331,7 @@ class _Job:
         )  # fmt: skip
 
 
-def _row(source: Source, name: str, header: LatentHeader, where: dict[str, Any]) -> dict[str, Any]:
+def index_row(source: Source, name: str, header: LatentHeader, where: dict[str, Any]) -> dict[str, Any]:
     """A clip's index row: its key, where its latent is (``where``, as the store says), what it
     holds, and the manifest's columns."""
     clip = header.clip or {}
