@@ -46,7 +46,7 @@ from ivvae_cli.dataset import (
     read_sources,
     work_unit,
 )
-from ivvae_cli.dataset.job import index_row
+from ivvae_cli.dataset.keeping import index_row
 from ivvae_cli.latent_file import LatentFile, read_latent_file
 from ivvae_cli.model import IVVAE
 from ivvae_cli.weights import LoadedModel, fingerprint

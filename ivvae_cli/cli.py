@@ -999,6 +999,15 @@ def dataset_encode(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Clips of one shape (frames, height, width) encoded together per model call.")
     ] = 1,
+    engine: Annotated[
+        str, typer.Option(help="plain: this process's share (torchrun or srun start more); ray: a Ray Data pipeline.")
+    ] = "plain",
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: the cluster to join ('auto': this machine's; none: a local one).")
+    ] = None,
+    ray_actors: Annotated[
+        int, typer.Option(min=1, help="--engine ray without GPUs: encoding actors (with GPUs: one per GPU).")
+    ] = 1,
     max_errors: Annotated[int, typer.Option(min=0, help="Exit non-zero when more sources than this fail.")] = 0,
     overwrite: Annotated[
         bool, typer.Option(help="Re-encode into a folder made with other options or weights.")
@@ -1022,6 +1031,14 @@ def dataset_encode(
         )  # fmt: skip
         storage = dataset.Storage(layout, _size(shard_size, "--shard-size"))
         dataset.check_batch(options, batch_size)
+        if engine not in ("plain", "ray"):
+            raise IvvaeError(f"--engine is plain or ray, not '{engine}'")
+        if engine == "ray":
+            from ivvae_cli.dataset import ray_engine
+
+            ray_engine.import_ray()
+            if world.size > 1:
+                raise InputError("--engine ray runs the whole job from one driver: start it once, not under torchrun")
         units = dataset.work_units(out, work_units, overwrite)
         share = world.share(sources, units)
         talk = not quiet and world.local_rank == 0
@@ -1034,22 +1051,24 @@ def dataset_encode(
         memory = _memory(max_memory, tile_size, tile_overlap, groups_per_step)
         dataset.check_folder(out)
         with FolderLock(out, world.launch):  # before the model loads: a busy folder is said at once
-            loaded = _load(weights, model, device, dtype, not talk)
+            # Ray's actors load the model where they run: the driver's copy only names it.
+            loaded = _load(weights, model, "cpu", "float32", True) if engine == "ray" else None
+            loaded = loaded or _load(weights, model, device, dtype, not talk)
             where = source if glob.has_magic(source) else str(Path(source).absolute())
             spec = dataset.JobSpec(where, columns, options, loaded.name, loaded.fingerprint, storage, units)
             dataset.prepare_folder(out, spec, overwrite)
             with _dataset_progress(world, len(share), talk, 0 if quiet else log_every) as progress:
-                tally, merged = dataset.encode_dataset(
-                    sources,
-                    out,
-                    loaded,
-                    spec,
-                    world=world,
-                    memory=memory,
-                    workers=workers,
-                    batch_size=batch_size,
-                    progress=progress,
-                )
+                if engine == "ray":
+                    tally, merged = ray_engine.encode_with_ray(
+                        sources, out, loaded, spec, address=ray_address, actors=ray_actors,
+                        dtype=None if dtype == "auto" else _dtype(dtype), memory=memory, batch_size=batch_size,
+                        progress=progress,
+                    )  # fmt: skip
+                else:
+                    tally, merged = dataset.encode_dataset(
+                        sources, out, loaded, spec, world=world, memory=memory, workers=workers,
+                        batch_size=batch_size, progress=progress,
+                    )  # fmt: skip
         report = {
             "rank": world.rank, "world_size": world.size, "sources": tally.sources, "clips_written": tally.written,
             "clips_existing": tally.existing, "sources_skipped": tally.skipped, "sources_failed": tally.failed,

@@ -21,7 +21,8 @@ the decoding workers hand the model), ``decoding`` (the workers), ``spec`` (what
 """
 
 from ivvae_cli.dataset.clips import ClipOptions, Geometry, clip_name, clip_pieces, parse_buckets
-from ivvae_cli.dataset.job import Tally, check_batch, clip_seed, encode_dataset
+from ivvae_cli.dataset.job import check_batch, clip_seed, encode_dataset
+from ivvae_cli.dataset.keeping import Tally
 from ivvae_cli.dataset.reading import LatentDataset
 from ivvae_cli.dataset.sources import Columns, Source, World, read_sources, work_unit
 from ivvae_cli.dataset.spec import DamagedSpecError, JobSpec, Storage, check_folder, prepare_folder, work_units

@@ -25,7 +25,7 @@ from ivvae_cli.video import probe
 # -- decoding, in worker processes -----------------------------------------------------------------
 
 
-class _ClipReader(IterableDataset):
+class SourceDecoder(IterableDataset):
     """This process's sources decoded into clip pieces by DataLoader workers (worker w of n takes
     every n-th source), as ``messages`` for the model's process."""
 
@@ -39,9 +39,9 @@ class _ClipReader(IterableDataset):
         if worker is not None:
             torch.set_num_threads(1)  # decoding is the workers' work; the model has the process's threads
         for index, source in self.todo if worker is None else self.todo[worker.id :: worker.num_workers]:
-            yield from self._source(index, source)
+            yield from self.messages(index, source)
 
-    def _source(self, index: int, source: Source) -> Iterator[Message]:
+    def messages(self, index: int, source: Source) -> Iterator[Message]:
         """One source's messages; what ivvae warns of while reading it (e.g. broken timestamps
         replaced by the declared rate) goes into its record instead of the terminal."""
         with warnings.catch_warnings(record=True) as caught:

@@ -10,18 +10,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ivvae_cli.dataset.clips import ClipOptions
-from ivvae_cli.dataset.decoding import _ClipReader, _quiet_worker
+from ivvae_cli.dataset.decoding import SourceDecoder, _quiet_worker
+from ivvae_cli.dataset.keeping import Collector, Keeper, Sources, Tally
 from ivvae_cli.dataset.messages import ClipDone, FramePiece, Message, SourceEnd, reader_stops
 from ivvae_cli.dataset.sources import Source, World
 from ivvae_cli.dataset.spec import JobSpec
-from ivvae_cli.dataset.store import SourceRecord, Store, clip_key, merge_index, open_store
+from ivvae_cli.dataset.store import merge_index, open_store
 from ivvae_cli.errors import IvvaeError, WriteError
 from ivvae_cli.latent_file import (
     LatentFile,
@@ -33,33 +33,6 @@ from ivvae_cli.stream import StreamEncoder
 from ivvae_cli.weights import LoadedModel
 
 # -- encoding, in the model's process --------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    """What this process has done of its share of the work list."""
-
-    sources: int = 0  # in its share
-    done: int = 0  # finished, now or by an earlier run
-    written: int = 0  # clips encoded now
-    existing: int = 0  # clips an earlier run wrote
-    skipped: int = 0  # sources with no clip (too short)
-    failed: int = 0
-    model_seconds: float = 0.0  # inside the model (and moving frames to it)
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
-    @property
-    def clips_per_s(self) -> float:
-        return self.written / max(self.seconds, 1e-9)
-
-    @property
-    def model_busy(self) -> float:
-        """The share of the wall time spent in the model."""
-        return self.model_seconds / max(self.seconds, 1e-9)
 
 
 @dataclass
@@ -120,9 +93,10 @@ def encode_dataset(
         todo = [(i, source) for i, source in share if source.name not in done]
         tally.done = len(done)
         tally.skipped = sum(record.skipped is not None for record in done.values())
-        job = _Job(sources, store, loaded, spec, memory or MemoryOptions(), max(1, workers), batch_size, tally)
+        keeper = Keeper(sources, store, tally)
+        job = _Job(sources, keeper, loaded, spec, memory or MemoryOptions(), max(1, workers), batch_size)
         loader = DataLoader(
-            _ClipReader(todo, spec.options, store.reusable(), spec.fingerprint), batch_size=None, num_workers=workers,
+            SourceDecoder(todo, spec.options, store.reusable(), spec.fingerprint), batch_size=None, num_workers=workers,
             pin_memory=job.device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker,
         )  # fmt: skip
         with _StopOnSigterm(), torch.inference_mode():
@@ -143,16 +117,15 @@ class _Job:
     held until ``batch`` clips of its shape are, then encoded together in one stream. A source is
     finished once its every clip is written."""
 
-    def __init__(self, sources: list[Source], store: Store, loaded: LoadedModel, spec: JobSpec,
-                 memory: MemoryOptions, streams: int, batch: int, tally: Tally):  # fmt: skip
-        self.sources, self.store, self.loaded, self.spec = sources, store, loaded, spec
-        self.memory, self.streams, self.batch, self.tally = memory, streams, batch, tally
+    def __init__(self, sources: Sources, keeper: Keeper | Collector, loaded: LoadedModel, spec: JobSpec,
+                 memory: MemoryOptions, streams: int, batch: int):  # fmt: skip
+        self.sources, self.keeper, self.loaded, self.spec = sources, keeper, loaded, spec
+        self.memory, self.streams, self.batch, self.tally = memory, streams, batch, keeper.tally
         self.open: dict[tuple[int, str], _OpenStream] = {}
         self.held: dict[tuple[int, str], _HeldClip] = {}  # clips whose frames are still arriving
         self.batches: dict[tuple, list[_HeldClip]] = {}  # whole clips, by shape, waiting for their batch
         self.waiting: dict[int, int] = {}  # per source, its clips in a batch not yet encoded
         self.ended: dict[int, SourceEnd] = {}  # sources whose end came while clips of theirs wait
-        self.rows: dict[int, list[dict]] = {}
         self.failed: set[int] = set()
         self.device = next(loaded.model.parameters()).device
 
@@ -169,14 +142,12 @@ class _Job:
             elif isinstance(message, FramePiece):
                 self._hold(index, message)
             elif isinstance(message, ClipDone):
-                where = self.store.existing(source, message.name)
-                self.rows.setdefault(index, []).append(index_row(source, message.name, message.header, where))
-                self.tally.existing += 1
+                self.keeper.existing(index, message.name, message.header)
             elif isinstance(message, SourceEnd):
                 if self.waiting.get(index):
                     self.ended[index] = message
                 else:
-                    self._finish(index, source, message)
+                    self.keeper.finish(index, message)
             else:
                 self._fail(index, source, message.stage, message.reason)
         except WriteError:  # the disk, not the source: every later write would fail too
@@ -189,12 +160,6 @@ class _Job:
         while self.batches:
             self._encode_batch(self.batches.pop(next(iter(self.batches))))
 
-    def _finish(self, index: int, source: Source, end: SourceEnd) -> None:
-        rows = sorted(self.rows.pop(index, []), key=lambda row: row["start_frame"])  # batches may reorder them
-        self.store.finish(source, SourceRecord(rows, end.skipped, end.warnings))
-        self.tally.done += 1
-        self.tally.skipped += end.skipped is not None
-
     def _fail(self, index: int, source: Source, stage: str, reason: str) -> None:
         for key in [k for k in (*self.open, *self.held) if k[0] == index]:
             self.open.pop(key, None)
@@ -203,13 +168,10 @@ class _Job:
             self.batches[shape] = [c for c in clips if c.index != index]
             if not self.batches[shape]:
                 del self.batches[shape]
-        self.rows.pop(index, None)
         self.waiting.pop(index, None)
         if self.ended.pop(index, None) is None and not reader_stops(stage):
             self.failed.add(index)
-        self.store.fail(source, stage, reason)
-        self.tally.failed += 1
-        self.tally.done += 1
+        self.keeper.fail(index, stage, reason)
 
     def _piece(self, index: int, source: Source, message: FramePiece) -> None:
         key = (index, message.name)
@@ -282,20 +244,18 @@ class _Job:
             if not self.waiting[clip.index]:
                 del self.waiting[clip.index]
                 if clip.index in self.ended:
-                    self._finish(clip.index, source, self.ended.pop(clip.index))
+                    self.keeper.finish(clip.index, self.ended.pop(clip.index))
 
     def _keep(self, index: int, source: Source, first: FramePiece, stream: StreamEncoder, pts: list[int],
               latent: torch.Tensor, logvar: torch.Tensor | None, seed: int | None, seconds: float) -> None:  # fmt: skip
-        """Write a clip's latent (one with NaN or Inf fails its source) and keep its index row."""
+        """Hand a clip's latent file to the keeper (one with NaN or Inf fails its source)."""
         bad = int((~latent.isfinite()).sum()) + (0 if logvar is None else int((~logvar.isfinite()).sum()))
         if bad:
             raise IvvaeError(f"clip {first.name}: the latent has {bad} NaN or infinite values; not written")
         header = self._header(source, first, stream, pts[0], seed, seconds)
         stamps = np.asarray(pts, dtype=np.int64)
         data = LatentFile(header, latent, stamps - stamps[0], None, logvar)
-        where = self.store.put(source, first.name, data, index_row(source, first.name, header, {}))
-        self.rows.setdefault(index, []).append(index_row(source, first.name, header, where))
-        self.tally.written += 1
+        self.keeper.keep(index, first.name, data)
 
     def _stream(self, source: Source, message: FramePiece) -> _OpenStream:
         options = self.spec.options
@@ -329,23 +289,6 @@ class _Job:
                 "job": self.spec.fingerprint, "seconds": round(seconds, 3),
             },
         )  # fmt: skip
-
-
-def index_row(source: Source, name: str, header: LatentHeader, where: dict[str, Any]) -> dict[str, Any]:
-    """A clip's index row: its key, where its latent is (``where``, as the store says), what it
-    holds, and the manifest's columns."""
-    clip = header.clip or {}
-    lat = header.padded_size.latent()
-    row = {
-        "key": clip_key(source, name), **where,
-        "id": source.id if source.id is not None else f"{source.name}#{clip.get('start_frame')}",
-        "source": source.key, "source_path": str(source.path),
-        "latent_shape": [header.z_dim, lat.frames, lat.height, lat.width], "start_frame": clip.get("start_frame"),
-        "frames": header.source_frames, "frame_rate": header.frame_rate,
-        "size": [header.source_width, header.source_height], "resized": clip.get("resized"), "crop": clip.get("crop"),
-        "bucket": clip.get("bucket"), "posterior": header.posterior, "seconds": clip.get("seconds"),
-    }  # fmt: skip
-    return row | {(k if k not in row else f"manifest_{k}"): v for k, v in source.columns.items()}
 
 
 class _StopOnSigterm:
