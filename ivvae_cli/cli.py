@@ -1003,7 +1003,8 @@ def dataset_encode(
         str, typer.Option(help="plain: this process's share (torchrun or srun start more); ray: a Ray Data pipeline.")
     ] = "plain",
     ray_address: Annotated[
-        str | None, typer.Option(help="--engine ray: the cluster to join ('auto': this machine's; none: a local one).")
+        str | None,
+        typer.Option(help="--engine ray: the cluster to join ('auto': this machine's; none or 'local': a new one)."),
     ] = None,
     ray_actors: Annotated[
         int, typer.Option(min=1, help="--engine ray without GPUs: encoding actors (with GPUs: one per GPU).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,25 @@ def test_the_ray_engine_makes_what_the_plain_engine_makes(tmp_path, manifest, ch
     for a, b in zip(LatentDataset(outs["ray"]), LatentDataset(outs["plain"]), strict=True):
         assert torch.equal(a["latent"], b["latent"])
     assert partials(outs["ray"]) == []
+
+
+def test_an_encoding_actor_killed_mid_job_has_its_work_done_again(tmp_path, manifest, checkpoint):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ivvae_cli", "dataset", "encode", str(manifest), str(out), "-w", str(checkpoint),
+               *ARGS, "--engine", "ray", "--ray-address", "local"]  # fmt: skip
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.rglob("*.latent")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    killed = subprocess.run(["pkill", "-9", "-f", r"MapWorker\(MapBatches"], check=False).returncode == 0
+    _, err = proc.communicate(timeout=600)
+    assert killed and proc.returncode == 0, err
+    plain = tmp_path / "plain"
+    assert ivvae("dataset", "encode", manifest, plain, "-w", checkpoint, *ARGS)[0] == 0
+    assert located(index(out)) == located(index(plain)) and len(list(out.rglob("*.latent"))) == 8
+    for a, b in zip(LatentDataset(out), LatentDataset(plain), strict=True):
+        assert torch.equal(a["latent"], b["latent"])
+    assert partials(out) == []
 
 
 def test_a_job_begun_by_one_engine_is_finished_by_the_other(tmp_path, manifest, checkpoint, local_ray):
