@@ -21,7 +21,6 @@ from ivvae_cli.video import VideoInfo, probe, read_frames, resized
 CLIP_MODES = ("head", "chunk", "slide", "full")
 POSTERIORS = ("mean", "sample", "both")
 PIECE_FRAMES = 32  # frames a worker hands the model at a time
-# -- cutting clips ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,8 @@ from ivvae_cli.dataset.messages import ClipDone, FramePiece, Message, SourceEnd,
 from ivvae_cli.dataset.sources import Source
 from ivvae_cli.dataset.store import FileLayout
 from ivvae_cli.errors import IvvaeError, IvvaeWarning
-from ivvae_cli.latent_file import (
-    LatentHeader,
-    read_latent_header,
-)
+from ivvae_cli.latent_file import LatentHeader, read_latent_header
 from ivvae_cli.video import probe
-
-# -- decoding, in worker processes -----------------------------------------------------------------
 
 
 class SourceDecoder(IterableDataset):

@@ -23,16 +23,11 @@ from ivvae_cli.dataset.sources import Source, World
 from ivvae_cli.dataset.spec import JobSpec
 from ivvae_cli.dataset.store import merge_index, open_store
 from ivvae_cli.errors import IvvaeError, WriteError
-from ivvae_cli.latent_file import (
-    LatentFile,
-    LatentHeader,
-)
+from ivvae_cli.latent_file import LatentFile, LatentHeader
 from ivvae_cli.model import VideoSize
 from ivvae_cli.pipeline import MemoryOptions, encoded_fields
 from ivvae_cli.stream import StreamEncoder
 from ivvae_cli.weights import LoadedModel
-
-# -- encoding, in the model's process --------------------------------------------------------------
 
 
 @dataclass

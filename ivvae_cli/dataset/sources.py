@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ivvae_cli.errors import InputError
-from ivvae_cli.latent_file import (
-    glob_root,
-)
+from ivvae_cli.latent_file import glob_root
 from ivvae_cli.outputs import name_problem
 
 VIDEO_EXTENSIONS = frozenset(
