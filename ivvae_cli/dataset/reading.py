@@ -9,26 +9,11 @@ from typing import Any
 
 import torch
 
+from ivvae_cli.dataset.store import located
 from ivvae_cli.errors import InputError
 from ivvae_cli.latent_file import LatentFile, describe_latent, inspect_latent_bytes, read_latent_bytes, read_latent_file
-from ivvae_cli.outputs import name_problem
 
 OPEN_SHARDS = 64
-
-
-def _located(row: Any) -> bool:
-    """Whether an index row says where its clip is in a form that stays inside the folder: a latent
-    file under latents/, or a byte range of a tar under shards/."""
-    if not isinstance(row, dict):
-        return False
-    if "shard" in row:
-        shard = row["shard"]
-        return (
-            isinstance(shard, str) and shard.startswith("shards/") and name_problem(shard) is None
-            and all(isinstance(row.get(k), int) and row[k] >= 0 for k in ("offset", "length"))
-        )  # fmt: skip
-    latent = row.get("latent")
-    return isinstance(latent, str) and latent.startswith("latents/") and name_problem(latent) is None
 
 
 def read_index(folder: Path) -> list[dict[str, Any]]:
@@ -42,7 +27,7 @@ def read_index(folder: Path) -> list[dict[str, Any]]:
             row = json.loads(line) if line.strip() else None
         except ValueError:
             row = ""
-        if row is not None and not _located(row):
+        if row is not None and not located(row):
             raise InputError(f"{index} is damaged at line {number}: `ivvae dataset merge {folder}` rewrites it")
         if row is not None:
             rows.append(row)

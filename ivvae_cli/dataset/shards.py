@@ -185,28 +185,7 @@ def final_records(folder: Path, fingerprint: str) -> dict[str, SourceRecord]:
             listed += part["sources"]
     done = {}
     for entry in listed:
-        record = _record(entry, final)
-        if record is not None:
+        record = SourceRecord.read(entry, lambda row: row.get("shard") in final)
+        if record is not None and isinstance(entry["source"], str):
             done.setdefault(entry["source"], record)
     return done
-
-
-def _record(entry: Any, final: set[str]) -> SourceRecord | None:
-    """A part's entry for a source, if every clip it lists is in a final shard."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
-        return None
-    rows, skipped, warned = entry.get("rows"), entry.get("skipped"), entry.get("warnings", [])
-    if not isinstance(rows, list) or not isinstance(skipped, str | None) or not isinstance(warned, list):
-        return None
-    for row in rows:
-        if not isinstance(row, dict) or row.get("shard") not in final:
-            return None
-        if not all(isinstance(row.get(k), int) and row[k] >= 0 for k in ("offset", "length")):
-            return None
-    return SourceRecord(rows, skipped, tuple(map(str, warned)))
-
-
-def read_member(folder: Path, row: dict[str, Any]) -> bytes:
-    """A clip's latent file from its shard, by one positioned read of what the index row gives."""
-    with (folder / row["shard"]).open("rb") as f:
-        return os.pread(f.fileno(), row["length"], row["offset"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +33,34 @@ class SourceRecord:
     rows: list[dict[str, Any]]
     skipped: str | None = None  # why it gave no clip (too short)
     warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, raw: Any, row_ok: Callable[[dict[str, Any]], bool]) -> SourceRecord | None:
+        """A record as stored (a record file, an index part's entry); None where it is cut short or
+        garbled (a crash on a network filesystem) or a row fails ``row_ok``: its source is done again."""
+        if not isinstance(raw, dict):
+            return None
+        rows, skipped, warned = raw.get("rows"), raw.get("skipped"), raw.get("warnings", [])
+        if not isinstance(rows, list) or not isinstance(skipped, str | None) or not isinstance(warned, list):
+            return None
+        if not all(located(row) and row_ok(row) for row in rows):
+            return None
+        return cls(rows, skipped, tuple(map(str, warned)))
+
+
+def located(row: Any) -> bool:
+    """Whether an index row says where its clip is in a form that stays inside the folder: a latent
+    file under latents/, or a byte range of a tar under shards/."""
+    if not isinstance(row, dict):
+        return False
+    if "shard" in row:
+        shard = row["shard"]
+        return (
+            isinstance(shard, str) and shard.startswith("shards/") and name_problem(shard) is None
+            and all(isinstance(row.get(k), int) and row[k] >= 0 for k in ("offset", "length"))
+        )  # fmt: skip
+    latent = row.get("latent")
+    return isinstance(latent, str) and latent.startswith("latents/") and name_problem(latent) is None
 
 
 def clip_key(source: Source, name: str) -> str:
@@ -136,17 +164,9 @@ class FileStore(Store):
         return records
 
     def _record(self, raw: Any) -> SourceRecord | None:
-        """A record cut short or garbled (a crash on a network filesystem) is none: its source is done again."""
         if not isinstance(raw, dict) or raw.get("fingerprint") != self.fingerprint:
             return None
-        rows, skipped, warned = raw.get("rows"), raw.get("skipped"), raw.get("warnings", [])
-        if not isinstance(rows, list) or not isinstance(skipped, str | None) or not isinstance(warned, list):
-            return None
-        for row in rows:
-            latent = row.get("latent") if isinstance(row, dict) else None
-            if not isinstance(latent, str) or not latent.startswith("latents/") or name_problem(latent) is not None:
-                return None
-        return SourceRecord(rows, skipped, tuple(map(str, warned)))
+        return SourceRecord.read(raw, lambda row: "shard" not in row)
 
     def _sizes(self, rows: list[dict[str, Any]]) -> list[int]:
         return [(self.folder / row["latent"]).stat().st_size for row in rows]
